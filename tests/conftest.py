@@ -63,3 +63,29 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     BertForSequenceClassification(config).save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path, labelled_frame) -> Path:
+    """A Dataset artifact (Parquet with a split column) built from the labelled frame."""
+    from tuneloop.datasets import assign_split
+
+    frame = labelled_frame.copy()
+    frame["split"] = [assign_split(i, validation=0.2, test=0.2, salt="t") for i in frame["id"]]
+    path = tmp_path / "dataset.parquet"
+    frame.to_parquet(path, index=False)
+    return path
+
+
+def make_config(tmp_path: Path, **sections):
+    """A validated config whose state lives in tmp_path (sections override defaults)."""
+    from tuneloop.config import parse_config, resolve_config_paths
+
+    raw = {
+        "name": "test",
+        "state_dir": str(tmp_path / "state"),
+        "data": {"texts": str(tmp_path / "texts.parquet"), "labels": str(tmp_path / "labels.parquet"),
+                 "classes": ["ham", "spam"]},
+    }
+    raw.update(sections)
+    return resolve_config_paths(parse_config(raw, source="test"), base_dir=tmp_path)

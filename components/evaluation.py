@@ -1,0 +1,42 @@
+"""The `evaluate` component: test metrics and the fail-closed gate."""
+
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
+
+from components import TUNELOOP_IMAGE
+
+
+@dsl.component(base_image=TUNELOOP_IMAGE, install_kfp_package=False)
+def evaluate(
+    config_json: str,
+    dataset: Input[Dataset],
+    model: Input[Model],
+    compressed: Input[Model],
+    metrics: Output[Metrics],
+    classification: Output[ClassificationMetrics],
+    decision: Output[Artifact],
+) -> NamedTuple("EvaluationOutputs", blessed=bool):
+    """Score the compressed model on the test split and decide whether it is blessed.
+
+    Checks: the configured thresholds, the macro-F1 compression cost against the uncompressed
+    model, and the drop against the current champion on the same test rows. Fails closed: any
+    error, or no thresholds, means not blessed.
+    """
+    from collections import namedtuple
+
+    from tuneloop import evaluation
+    from tuneloop.config import TuneloopConfig
+
+    config = TuneloopConfig.from_json(config_json)
+    result = evaluation.run(config, dataset.path, model.path, compressed.path, decision.path)
+    for name in ("accuracy", "macro_f1", "uncompressed_macro_f1"):
+        if name in result.metrics:
+            metrics.log_metric(f"test_{name}", result.metrics[name])
+    for label, scores in result.metrics.get("per_class", {}).items():
+        metrics.log_metric(f"test_precision_{label}", scores["precision"])
+        metrics.log_metric(f"test_recall_{label}", scores["recall"])
+    if "confusion_matrix" in result.metrics:
+        classification.log_confusion_matrix(result.metrics["labels"], result.metrics["confusion_matrix"])
+    return namedtuple("EvaluationOutputs", ["blessed"])(result.blessed)

@@ -1,0 +1,42 @@
+"""The `register` component: MLflow model version with lineage, aliases challenger then champion."""
+
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Input, Model, Output
+
+from components import TUNELOOP_IMAGE
+
+
+@dsl.component(base_image=TUNELOOP_IMAGE, install_kfp_package=False)
+def register(
+    config_json: str,
+    compressed: Input[Model],
+    decision: Input[Artifact],
+    dataset: Input[Dataset],
+    registration: Output[Artifact],
+    pipeline_run: str = "",
+) -> NamedTuple("RegistrationOutputs", version=str):
+    """Register the blessed compressed model in the MLflow registry.
+
+    Tags the version with lineage (pipeline run, data fingerprint, test metrics, gate decision,
+    training frame) and points the aliases challenger and then champion at it. Refuses a model
+    the gate did not bless; on failure no version is left behind and no alias moves.
+    """
+    import json
+    from collections import namedtuple
+    from pathlib import Path
+
+    from tuneloop import registry
+    from tuneloop.config import TuneloopConfig
+    from tuneloop.evaluation import read_decision
+
+    result = registry.register(
+        TuneloopConfig.from_json(config_json),
+        compressed.path,
+        read_decision(decision.path),
+        dataset.path,
+        pipeline_run=pipeline_run,
+    )
+    Path(registration.path).write_text(json.dumps(result.__dict__, indent=2))
+    return namedtuple("RegistrationOutputs", ["version"])(result.version)

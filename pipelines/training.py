@@ -1,0 +1,74 @@
+"""The training pipeline: validate -> features -> fine-tune -> compress -> evaluate -> [blessed?] register.
+
+One definition runs two ways: through ``kfp.local`` on one machine (``tuneloop run --local``) and
+compiled to KFP IR YAML for a cluster (``tuneloop compile pipelines/training.py``). Registration sits
+under ``dsl.If`` on the gate's output; the ExitHandler reports failed runs to the alert sink.
+"""
+
+from kfp import dsl
+
+from components.alerts import notify, report_rejection
+from components.compression import compress
+from components.evaluation import evaluate
+from components.features import retrieve_features
+from components.registry import register
+from components.training import finetune
+from components.validation import validate_data
+
+PIPELINE_NAME = "tuneloop-training"
+
+
+@dsl.pipeline(name=PIPELINE_NAME, description="Validate, fine-tune, compress, gate and register a text classifier.")
+def training_pipeline(
+    config_json: str,
+    base_model: str = "",
+    epochs: int = 0,
+    learning_rate: float = 0.0,
+):
+    """Train a text classifier and register it as champion when it passes the gate.
+
+    Args:
+        config_json: the whole tuneloop.yaml as JSON (``tuneloop compile/run`` fill it in).
+        base_model: override of training.base_model (empty keeps the config's).
+        epochs: override of training.epochs (0 keeps the config's).
+        learning_rate: override of training.learning_rate (0 keeps the config's).
+    """
+    exit_task = notify(config_json=config_json)
+    with dsl.ExitHandler(exit_task, name="report-failures"):
+        validated = validate_data(config_json=config_json)
+        features = retrieve_features(config_json=config_json).after(validated)
+        trained = finetune(
+            config_json=config_json,
+            dataset=features.outputs["dataset"],
+            data_fingerprint=validated.outputs["fingerprint"],
+            base_model=base_model,
+            epochs=epochs,
+            learning_rate=learning_rate,
+        )
+        compressed = compress(
+            config_json=config_json, model=trained.outputs["model"], dataset=features.outputs["dataset"]
+        )
+        gate = evaluate(
+            config_json=config_json,
+            dataset=features.outputs["dataset"],
+            model=trained.outputs["model"],
+            compressed=compressed.outputs["compressed"],
+        )
+        with dsl.If(gate.outputs["blessed"] == True, name="blessed"):  # noqa: E712 (KFP condition syntax)
+            registered = register(
+                config_json=config_json,
+                compressed=compressed.outputs["compressed"],
+                decision=gate.outputs["decision"],
+                dataset=features.outputs["dataset"],
+                pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+            )
+        with dsl.Else(name="rejected"):
+            rejected = report_rejection(
+                config_json=config_json,
+                decision=gate.outputs["decision"],
+                pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+            )
+    # Every step reads data or registry state that can change under the same parameters
+    # (new rows, a new champion), so none may be answered from the cache.
+    for task in (validated, features, trained, compressed, gate, registered, rejected):
+        task.set_caching_options(False)

