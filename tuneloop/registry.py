@@ -112,7 +112,7 @@ def _log_run(mlflow, config, compressed_dir, dataset_path, metadata, decision, p
         mlflow.log_param(run_id, "base_model", metadata.get("base_model"))
         mlflow.log_param(run_id, "precision", metadata.get("precision"))
         mlflow.log_artifacts(run_id, str(compressed_dir), artifact_path="model")
-        mlflow.log_artifact(run_id, _dataset_file(dataset_path), artifact_path="data")
+        _log_dataset(mlflow, run_id, dataset_path)
         mlflow.log_text(run_id, json.dumps(decision, indent=2), "gate.json")
         mlflow.set_terminated(run_id, "FINISHED")
     except Exception as error:
@@ -121,15 +121,16 @@ def _log_run(mlflow, config, compressed_dir, dataset_path, metadata, decision, p
     return run_id
 
 
-def _dataset_file(dataset_path: str | Path) -> str:
-    """Log the training frame under the contract's name, whatever the KFP artifact file is called."""
+def _log_dataset(mlflow, run_id: str, dataset_path: str | Path) -> None:
+    """Log the training frame as ``data/dataset.parquet``, whatever the KFP artifact file is called."""
     import shutil
     import tempfile
 
-    target = Path(tempfile.mkdtemp(prefix="tuneloop-dataset-")) / "dataset.parquet"
     source = Path(dataset_path)
-    shutil.copyfile(source / "dataset.parquet" if source.is_dir() else source, target)
-    return str(target)
+    with tempfile.TemporaryDirectory(prefix="tuneloop-dataset-") as scratch:
+        target = Path(scratch) / "dataset.parquet"
+        shutil.copyfile(source / "dataset.parquet" if source.is_dir() else source, target)
+        mlflow.log_artifact(run_id, str(target), artifact_path="data")
 
 
 def _experiment_id(mlflow, config: TuneloopConfig) -> str:
