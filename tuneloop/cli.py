@@ -63,23 +63,54 @@ def init(data, text_column, label_column, id_column, timestamp_column, name, dir
         )
 
 
+def kubeflow_options(command):
+    """Options shared by the commands that talk to a Kubeflow Pipelines API."""
+    command = click.option("--namespace", default=None, help="Kubeflow profile namespace (multi-user).")(command)
+    command = click.option(
+        "--token-file", default=None, type=click.Path(dir_okay=False),
+        help="Bearer token file, e.g. a projected service-account token. A token itself is read from "
+             "TUNELOOP_KFP_TOKEN or KF_PIPELINES_TOKEN, never from a flag.",
+    )(command)
+    return command
+
+
+def _connect(host, namespace, token_file):
+    from tuneloop import kubeflow
+
+    return kubeflow.connect(host, namespace=namespace, token_file=token_file)
+
+
 @cli.command()
 @click.option("--local", "local_run", is_flag=True, help="Run on this machine through kfp.local.")
+@click.option("--host", default=None, help="Kubeflow Pipelines API URL: run the latest uploaded version there.")
 @config_option
 @click.option("--pipeline", "pipeline_file", default=DEFAULT_TRAINING_PIPELINE, show_default=True,
-              type=click.Path(dir_okay=False), help="Pipeline file to run.")
+              type=click.Path(dir_okay=False), help="Pipeline file to run (--local).")
+@click.option("--pipeline-name", default="tuneloop-training", show_default=True, help="Uploaded pipeline (--host).")
+@click.option("--experiment", default="tuneloop", show_default=True, help="KFP experiment (--host).")
+@click.option("--param", "params", multiple=True, help="Run parameter k=v (--host); repeatable.")
+@kubeflow_options
 @click.option("--base-model", default="", help="Override training.base_model for this run.")
 @click.option("--epochs", default=0, type=click.IntRange(min=0), help="Override training.epochs (0: config).")
 @click.option("--learning-rate", default=0.0, type=click.FloatRange(min=0.0), help="Override training.learning_rate.")
-def run(local_run, config_path, pipeline_file, base_model, epochs, learning_rate) -> None:
-    """Run the training pipeline and print what it did."""
+def run(local_run, host, config_path, pipeline_file, pipeline_name, experiment, params, namespace, token_file,
+        base_model, epochs, learning_rate) -> None:
+    """Run the training pipeline: locally (--local) or on Kubeflow (--host), and say what happened."""
     from tuneloop import registry
     from tuneloop.config import load_config
     from tuneloop.orchestration import run_local
     from tuneloop.summary import summarize
 
-    if not local_run:
-        raise click.UsageError("pass --local to run on this machine through kfp.local")
+    if local_run == bool(host):
+        raise click.UsageError("pass exactly one of --local (this machine) or --host URL (Kubeflow)")
+    if host:
+        from tuneloop import kubeflow
+
+        client = _connect(host, namespace, token_file)
+        run_id = kubeflow.run_latest(client, pipeline_name, experiment=experiment,
+                                     params=kubeflow.parse_params(params))
+        click.echo(f"started run {run_id} of the latest version of {pipeline_name} on {host}")
+        return
     config = load_config(config_path)
     finished = run_local(config, pipeline_file, base_model=base_model, epochs=epochs, learning_rate=learning_rate)
     click.echo(summarize(finished, registry.list_versions(config)))
@@ -97,6 +128,38 @@ def compile_command(pipeline_file, output, config_path) -> None:
 
     config = load_config(config_path, resolve_paths=False) if config_path else None
     click.echo(f"wrote {compile_pipeline(pipeline_file, output, config)}")
+
+
+@cli.command()
+@click.argument("pipeline_file", type=click.Path(dir_okay=False))
+@click.option("--host", required=True, help="Kubeflow Pipelines API URL.")
+@click.option("--name", default=None, help="Pipeline name (default: the name inside the YAML).")
+@kubeflow_options
+def upload(pipeline_file, host, name, namespace, token_file) -> None:
+    """Upload compiled pipeline YAML: a new pipeline, or a new version when the content changed."""
+    from tuneloop import kubeflow
+
+    result = kubeflow.upload(_connect(host, namespace, token_file), pipeline_file, name=name)
+    state = "uploaded" if result.created else "unchanged, already uploaded as"
+    click.echo(f"{state} version {result.version_name} (pipeline {result.pipeline_id})")
+
+
+@cli.command()
+@click.option("--host", required=True, help="Kubeflow Pipelines API URL.")
+@click.option("--cron", required=True, help="Cron expression; 5 fields, or KFP's 6 with seconds first.")
+@click.option("--name", default="tuneloop-retraining", show_default=True, help="Recurring run name (one per name).")
+@click.option("--pipeline-name", default="tuneloop-training", show_default=True, help="Uploaded pipeline to run.")
+@click.option("--experiment", default="tuneloop", show_default=True)
+@click.option("--param", "params", multiple=True, help="Run parameter k=v; repeatable.")
+@kubeflow_options
+def schedule(host, cron, name, pipeline_name, experiment, params, namespace, token_file) -> None:
+    """Create or update one recurring run that always runs the latest pipeline version."""
+    from tuneloop import kubeflow
+
+    result = kubeflow.schedule(_connect(host, namespace, token_file), pipeline_name, cron=cron, name=name,
+                               experiment=experiment, params=kubeflow.parse_params(params))
+    state = "created" if result.created else ("updated" if result.updated else "unchanged")
+    click.echo(f"{state} recurring run {name} ({result.recurring_run_id}): {cron}")
 
 
 @cli.group()
