@@ -120,14 +120,20 @@ def run(local_run, host, config_path, pipeline_file, pipeline_name, experiment, 
 @click.argument("pipeline_file", type=click.Path(dir_okay=False))
 @click.option("--output", required=True, type=click.Path(dir_okay=False), help="Where to write the IR YAML.")
 @click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
-              help="Bake this tuneloop.yaml in as the default of the config_json parameter.")
-def compile_command(pipeline_file, output, config_path) -> None:
+              help="Bake this tuneloop.yaml in as the default of the config_json parameter; its kubeflow "
+                   "section sets images, GPU, resources, secrets and retries.")
+@click.option("--image", default=None, help="Component image (overrides kubeflow.image).")
+@click.option("--gpu-image", default=None, help="Image of GPU steps (overrides kubeflow.gpu_image).")
+def compile_command(pipeline_file, output, config_path, image, gpu_image) -> None:
     """Compile a pipeline file to KFP IR YAML for a Kubeflow cluster."""
-    from tuneloop.config import load_config
+    from tuneloop.config import KubeflowConfig, load_config
     from tuneloop.orchestration import compile_pipeline
 
     config = load_config(config_path, resolve_paths=False) if config_path else None
-    click.echo(f"wrote {compile_pipeline(pipeline_file, output, config)}")
+    kubeflow = (config.kubeflow if config else KubeflowConfig()).model_copy()
+    kubeflow.image = image or kubeflow.image
+    kubeflow.gpu_image = gpu_image or kubeflow.gpu_image
+    click.echo(f"wrote {compile_pipeline(pipeline_file, output, config, kubeflow)}")
 
 
 @cli.command()

@@ -165,12 +165,74 @@ class AlertsConfig(StrictModel):
     webhook_url_env: str = "TUNELOOP_WEBHOOK_URL"
 
 
+class ResourcesConfig(StrictModel):
+    """Kubernetes requests and limits of one step (quantities as Kubernetes writes them)."""
+
+    cpu_request: str | None = None
+    cpu_limit: str | None = None
+    memory_request: str | None = None
+    memory_limit: str | None = None
+
+
+class TolerationConfig(StrictModel):
+    """A pod toleration, e.g. for the taint on GPU nodes."""
+
+    key: str
+    operator: Literal["Equal", "Exists"] = "Exists"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = "NoSchedule"
+
+
+class GpuConfig(StrictModel):
+    """Which steps run on GPU nodes, and how those nodes are found."""
+
+    steps: list[Literal["finetune", "compress"]] = []
+    count: int = Field(1, ge=1)
+    accelerator: str = "nvidia.com/gpu"
+    node_selector: dict[str, str] = {}
+    tolerations: list[TolerationConfig] = [TolerationConfig(key="nvidia.com/gpu")]
+    shm_size: str = "8Gi"
+
+
+class SecretEnvConfig(StrictModel):
+    """One environment variable filled from a key of a Kubernetes Secret (the value never leaves the
+    cluster: only these names appear in the compiled YAML)."""
+
+    secret: str
+    key: str
+    env: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+DEFAULT_SECRETS = [
+    SecretEnvConfig(secret="tuneloop-mlflow", key="token", env="MLFLOW_TRACKING_TOKEN"),
+    SecretEnvConfig(secret="tuneloop-storage", key="access-key-id", env="AWS_ACCESS_KEY_ID"),
+    SecretEnvConfig(secret="tuneloop-storage", key="secret-access-key", env="AWS_SECRET_ACCESS_KEY"),
+    SecretEnvConfig(secret="tuneloop-alerts", key="webhook-url", env="TUNELOOP_WEBHOOK_URL"),
+]
+
+
 class KubeflowConfig(StrictModel):
-    """How components run in a cluster."""
+    """How the compiled pipeline runs in a cluster (read at compile time; ``kfp.local`` ignores it)."""
 
     image: str = "ghcr.io/tuneloop/tuneloop:0.1.0"
     gpu_image: str = "ghcr.io/tuneloop/tuneloop-gpu:0.1.0"
-    use_gpu: bool = False
+    gpu: GpuConfig = GpuConfig()
+    resources: dict[str, ResourcesConfig] = {
+        "default": ResourcesConfig(cpu_request="1", memory_request="2Gi", memory_limit="4Gi"),
+        "finetune": ResourcesConfig(cpu_request="4", memory_request="8Gi", memory_limit="16Gi"),
+        "compress": ResourcesConfig(cpu_request="2", memory_request="4Gi", memory_limit="8Gi"),
+    }
+    secrets: list[SecretEnvConfig] = DEFAULT_SECRETS
+    retries: int = Field(2, ge=0, le=10, description="Retries of transient steps (data, registry, deploy).")
+
+    @field_validator("resources")
+    @classmethod
+    def _known_steps(cls, resources: dict[str, ResourcesConfig]) -> dict[str, ResourcesConfig]:
+        known = {"default", "validate_data", "retrieve_features", "finetune", "compress", "evaluate", "register"}
+        unknown = sorted(set(resources) - known)
+        if unknown:
+            raise ValueError(f"unknown steps {unknown}; known: {sorted(known)}")
+        return resources
 
 
 class TuneloopConfig(StrictModel):

@@ -18,15 +18,17 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from tuneloop.config import TuneloopConfig, resolve_base_model
+from tuneloop.config import KubeflowConfig, TuneloopConfig, resolve_base_model
 from tuneloop.datasets import read_table, require_columns
 from tuneloop.errors import PipelineError
 
 ERROR_LINE = re.compile(r"^tuneloop\.errors\.(\w+): (.*)$")
 
 
-def load_pipeline(pipeline_file: str | Path):
+def load_pipeline(pipeline_file: str | Path, kubeflow: KubeflowConfig | None = None):
     """Import a pipeline file by path and return its ``@dsl.pipeline`` function.
+
+    A file that defines ``build_pipeline(kubeflow)`` gets the cluster settings passed in.
 
     Raises:
         PipelineError: the file is missing, fails to import, or defines no pipeline.
@@ -46,6 +48,8 @@ def load_pipeline(pipeline_file: str | Path):
         spec.loader.exec_module(module)
     except Exception as error:
         raise PipelineError(f"cannot import pipeline file {path}: {error}", path=str(path)) from error
+    if kubeflow is not None and hasattr(module, "build_pipeline"):
+        return module.build_pipeline(kubeflow)
     pipelines = [value for value in vars(module).values() if isinstance(value, GraphComponent)]
     if not pipelines:
         raise PipelineError(f"{path} defines no @dsl.pipeline function", path=str(path))
@@ -53,11 +57,23 @@ def load_pipeline(pipeline_file: str | Path):
     return (preferred or pipelines)[0]
 
 
-def compile_pipeline(pipeline_file: str | Path, output: str | Path, config: TuneloopConfig | None = None) -> Path:
-    """Compile a pipeline file to KFP IR YAML; the config (if given) becomes ``config_json``'s default."""
+def compile_pipeline(
+    pipeline_file: str | Path,
+    output: str | Path,
+    config: TuneloopConfig | None = None,
+    kubeflow: KubeflowConfig | None = None,
+) -> Path:
+    """Compile a pipeline file to KFP IR YAML.
+
+    Args:
+        config: becomes the default of the ``config_json`` parameter; its ``kubeflow`` section
+            sets images, GPU, resources, secrets and retries unless ``kubeflow`` is given.
+        kubeflow: cluster settings to compile with.
+    """
     from kfp import compiler
 
-    pipeline = load_pipeline(pipeline_file)
+    kubeflow = kubeflow or (config.kubeflow if config is not None else None)
+    pipeline = load_pipeline(pipeline_file, kubeflow)
     parameters = {"config_json": config.to_json()} if config is not None else None
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
