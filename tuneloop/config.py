@@ -120,15 +120,66 @@ class TrainingConfig(StrictModel):
 
 
 class CompressionConfig(StrictModel):
-    """ONNX export and quantization."""
+    """Which compressed variants to build, how to measure them, and the accuracy budget.
 
-    quantize: Literal["int8_dynamic", "none"] = "int8_dynamic"
+    ``variants`` lists the candidates the compress step builds and measures next to torch fp32 and
+    ONNX fp32 (always measured: the fallback). The fastest candidate whose validation macro-F1 loss
+    against torch fp32 stays within ``max_f1_loss_points`` is kept. The ONNX Runtime (CPU) variants
+    run everywhere; the TensorRT ones are tried only where a CUDA device and TensorRT are present and
+    are otherwise skipped with a logged reason.
+
+    ``quantize`` is the older switch, still accepted: ``int8_dynamic`` changes nothing (the
+    ``variants`` list decides), ``none`` removes every int8 variant from ``variants``.
+    """
+
+    variants: list[
+        Literal["onnx_fp32", "onnx_fp32_fused", "onnx_int8_dynamic", "onnx_int8_static", "tensorrt_fp16",
+                "tensorrt_int8"]
+    ] = Field(
+        ["onnx_fp32", "onnx_fp32_fused", "onnx_int8_dynamic", "onnx_int8_static", "tensorrt_fp16", "tensorrt_int8"],
+        description="Candidate variants to build and measure (TensorRT ones only where CUDA + TensorRT exist).",
+    )
+    quantize: Literal["int8_dynamic", "none"] | None = Field(
+        None, description="Deprecated: 'none' drops the int8 variants; 'int8_dynamic' leaves `variants` as given."
+    )
     max_f1_loss_points: float = Field(
-        1.0, ge=0.0, le=100.0, description="Largest macro-F1 loss (in points) int8 may cost."
+        1.0, ge=0.0, le=100.0,
+        description="Largest validation macro-F1 loss (in points) against torch fp32 a kept variant may cost.",
+    )
+    calibration_rows: int = Field(
+        100, ge=1, description="Validation texts that calibrate static int8 (capped at the validation split)."
     )
     opset: int = Field(17, ge=13)
-    latency_batch_sizes: list[int] = [1, 32]
+    latency_batch_sizes: list[int] = Field([1, 32], min_length=1)
     latency_repeats: int = Field(5, ge=1)
+    latency_rows: int = Field(64, ge=1, description="Validation texts in the fixed latency sample.")
+
+    @field_validator("latency_batch_sizes")
+    @classmethod
+    def _positive_batches(cls, sizes: list[int]) -> list[int]:
+        if any(size < 1 for size in sizes):
+            raise ValueError(f"batch sizes must be at least 1, got {sizes}")
+        return sizes
+
+    @model_validator(mode="before")
+    @classmethod
+    def _quantize_none_drops_int8(cls, data: Any) -> Any:
+        """``quantize: none`` (the older switch) means: no int8 variant. It fills ``variants`` with the
+        default list less the int8 ones, and contradicts an explicit list that names one."""
+        if not isinstance(data, dict) or data.get("quantize") != "none":
+            return data
+        if "variants" not in data:
+            default = cls.model_fields["variants"].default
+            return {**data, "variants": [name for name in default if "int8" not in name]}
+        listed = data["variants"] if isinstance(data["variants"], list) else []
+        int8 = [name for name in listed if isinstance(name, str) and "int8" in name]
+        if int8:
+            raise ValueError(f"quantize: none contradicts the int8 variants {int8} listed in variants; drop one")
+        return data
+
+    def candidates(self) -> list[str]:
+        """The variants to try, in the configured order, without repeats."""
+        return list(dict.fromkeys(self.variants))
 
 
 class EvaluationConfig(StrictModel):
@@ -155,6 +206,47 @@ class RegistryConfig(StrictModel):
     model_name: str = Field("tuneloop-model", min_length=1)
     experiment: str = "tuneloop"
     tracking_uri: str | None = None
+
+
+class SmokeTestConfig(StrictModel):
+    """One known input of the deployment smoke test and the label the served model must give it."""
+
+    text: str = Field(min_length=1)
+    expected_label: str = Field(min_length=1)
+
+
+class DeploymentConfig(StrictModel):
+    """Serving (BentoML) and rollout.
+
+    ``target: local`` serves on this machine (``tuneloop serve``); ``kubernetes`` patches the serving
+    Deployment to a model version, waits for the rollout, smoke-tests it and rolls back on failure.
+    The server loads the champion unless ``model_version`` (or ``$TUNELOOP_MODEL_VERSION``) pins one.
+    The API key's value comes from the environment variable named by ``api_key_env``; while that
+    variable is unset or empty the API is open. ``prediction_log_uri`` is an fsspec URI (default
+    ``<state_dir>/predictions``); a crash loses at most ``log_flush_records`` records or
+    ``log_flush_seconds`` of traffic, a clean stop loses nothing.
+    """
+
+    target: Literal["local", "kubernetes"] = "local"
+    model_version: str | None = Field(None, pattern=r"^[0-9]+$")
+    port: int = Field(3000, ge=1, le=65535)
+    max_text_chars: int = Field(5000, ge=1)
+    max_batch_items: int = Field(64, ge=1)
+    max_body_bytes: int = Field(1_048_576, ge=256)
+    api_key_env: str = Field("TUNELOOP_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    prediction_log_uri: str | None = None
+    log_flush_records: int = Field(1000, ge=1)
+    log_flush_seconds: float = Field(5.0, gt=0.0)
+    log_max_buffered: int = Field(100_000, ge=1)
+    smoke_tests: list[SmokeTestConfig] = []
+    namespace: str = Field("tuneloop", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    deployment_name: str = Field("tuneloop-serving", pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    container: str | None = None
+    service_url: str | None = None
+    rollout_timeout_s: float = Field(600.0, gt=0.0)
+    poll_interval_s: float = Field(2.0, gt=0.0)
+    smoke_timeout_s: float = Field(30.0, gt=0.0)
+    build_bento: bool = True
 
 
 class AlertsConfig(StrictModel):
@@ -247,6 +339,7 @@ class TuneloopConfig(StrictModel):
     compression: CompressionConfig = CompressionConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     registry: RegistryConfig = RegistryConfig()
+    deployment: DeploymentConfig = DeploymentConfig()
     alerts: AlertsConfig = AlertsConfig()
     kubeflow: KubeflowConfig = KubeflowConfig()
 

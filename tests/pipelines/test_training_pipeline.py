@@ -44,12 +44,12 @@ def test_registration_sits_under_the_gate(compiled):
     condition_tasks = [name for name in inner if name.startswith("condition-branches")]
     assert condition_tasks, "the gate is a dsl.If/Else"
     branches = compiled.components[inner[condition_tasks[0]].component_ref.name].dag.tasks
-    blessed = [t for t in branches.values() if "blessed" in t.trigger_policy.condition]
-    assert len(blessed) == 1
-    blessed_dag = compiled.components[blessed[0].component_ref.name].dag.tasks
-    assert "register" in blessed_dag
-    assert "evaluate" in blessed[0].trigger_policy.condition
-    assert "== true" in blessed[0].trigger_policy.condition
+    by_name = {task.task_info.name: task for task in branches.values()}
+    blessed, rejected = by_name["blessed"], by_name["rejected"]
+    assert blessed.trigger_policy.condition == "inputs.parameter_values['pipelinechannel--evaluate-blessed'] == true"
+    assert rejected.trigger_policy.condition.startswith("!(")
+    assert "register" in compiled.components[blessed.component_ref.name].dag.tasks
+    assert "report-rejection" in compiled.components[rejected.component_ref.name].dag.tasks
 
 
 def test_exit_handler_reports_failures(compiled):
@@ -62,11 +62,13 @@ def test_config_is_the_default_parameter_and_nothing_is_cached(compiled):
     assert set(parameters) == {"config_json", "base_model", "epochs", "learning_rate"}
     assert '"name":"sms"' in parameters["config_json"].default_value.string_value
     inner = compiled.components["comp-exit-handler-1"].dag.tasks
-    assert all(not task.caching_options.enable_cache for task in inner.values() if task.component_ref.name.startswith("comp-") and not task.name.startswith("condition"))
+    for name, task in inner.items():
+        if not name.startswith("condition"):
+            assert not task.caching_options.enable_cache, name
 
 
 def test_components_use_the_tuneloop_image_without_installs(compiled):
-    executors = compiled.deployment_spec["executors"]
+    executors = json_format.MessageToDict(compiled.deployment_spec)["executors"]
     for name, executor in executors.items():
         container = executor["container"]
         assert container["image"].startswith("ghcr.io/tuneloop/tuneloop"), name
