@@ -78,6 +78,21 @@ def fingerprint_frame(frame: pd.DataFrame) -> str:
     return hashlib.sha256(row_hashes.to_numpy().tobytes()).hexdigest()[:16]
 
 
+def read_dataset(path: str | Path) -> pd.DataFrame:
+    """Read a Dataset artifact: Parquet, whatever its file name (KFP artifact paths have no suffix).
+
+    Raises:
+        DataError: the file is missing or not Parquet.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"dataset artifact not found: {path}", path=str(path))
+    try:
+        return pd.read_parquet(path)
+    except Exception as error:  # pyarrow raises several types for a bad file
+        raise DataError(f"dataset artifact {path} is not a readable Parquet file: {error}", path=str(path)) from error
+
+
 def load_split(dataset_path: str | Path, split: str) -> pd.DataFrame:
     """Rows of one split of a Dataset artifact (a directory holding ``dataset.parquet``, or the file).
 
@@ -87,7 +102,7 @@ def load_split(dataset_path: str | Path, split: str) -> pd.DataFrame:
     path = Path(dataset_path)
     if path.is_dir():
         path = path / DATASET_FILE
-    frame = read_table(path, what="dataset artifact")
+    frame = read_dataset(path)
     require_columns(frame, [SPLIT_COLUMN], path=path, what="dataset artifact")
     rows = frame[frame[SPLIT_COLUMN] == split].reset_index(drop=True)
     if rows.empty:

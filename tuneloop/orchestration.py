@@ -155,18 +155,42 @@ def _failure_message(log: str, error: Exception) -> str:
 
 
 class _Tee(io.TextIOBase):
-    """Writes through to the terminal and keeps a copy, to find the failing task's error."""
+    """Writes through to the terminal and keeps a copy, to find the failing task's error.
+
+    The KFP executor logs each task's whole executor input (dozens of lines of JSON holding the
+    config) at INFO level; that block is folded into one line so progress stays readable.
+    """
 
     def __init__(self, stream) -> None:
         self._stream = stream
         self._copy = io.StringIO()
+        self._pending = ""
+        self._closing_line: str | None = None
 
     def write(self, text: str) -> int:
-        self._stream.write(text)
-        self._stream.flush()
-        return self._copy.write(text)
+        self._copy.write(text)
+        self._pending += text
+        *lines, self._pending = self._pending.split("\n")
+        for line in lines:
+            self._emit(line)
+        return len(text)
+
+    def _emit(self, line: str) -> None:
+        if self._closing_line is not None:
+            if line.rstrip() == self._closing_line:
+                self._closing_line = None
+            return
+        if line.rstrip().endswith("Got executor_input:"):
+            indent = line[: len(line) - len(line.lstrip())]
+            self._closing_line = indent + "}"
+            self._stream.write(line.rstrip() + " (folded)\n")
+            return
+        self._stream.write(line + "\n")
 
     def flush(self) -> None:
+        if self._pending and self._closing_line is None:
+            self._stream.write(self._pending)
+            self._pending = ""
         self._stream.flush()
 
     def getvalue(self) -> str:
