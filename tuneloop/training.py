@@ -24,6 +24,8 @@ from transformers import (
     set_seed,
 )
 
+from transformers.utils import logging as transformers_logging
+
 from tuneloop.artifacts import write_metadata
 from tuneloop.config import TrainingConfig, TuneloopConfig, resolve_base_model
 from tuneloop.datasets import load_split
@@ -157,6 +159,9 @@ def _check_labels(frame: pd.DataFrame, label_column: str, classes: list[str], sp
 
 
 def _load_model(checkpoint: Path, classes: list[str], settings: TrainingConfig) -> torch.nn.Module:
+    # A fresh classification head is expected; transformers' load report would only alarm people.
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             checkpoint,
