@@ -134,6 +134,7 @@ def run_local(
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(log):
             warnings.filterwarnings("ignore", message=".*non-Python base image.*")
+            warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
             pipeline(config_json=config.to_json(), base_model=base_model, epochs=epochs, learning_rate=learning_rate)
     except RuntimeError as error:
         raise PipelineError(_failure_message(log.getvalue(), error), stage="pipeline") from None
@@ -149,7 +150,12 @@ def _failure_message(log: str, error: Exception) -> str:
     for index in range(len(lines) - 1, -1, -1):
         match = ERROR_LINE.match(lines[index].strip())
         if match:
-            details = [line for line in lines[index + 1 :] if line.startswith("  - ")]
+            indent = lines[index][: len(lines[index]) - len(lines[index].lstrip())]
+            details = []
+            for line in lines[index + 1 :]:
+                if not line.startswith(indent + "  - "):
+                    break
+                details.append(line[len(indent) :])
             return "\n".join([match.group(2), *details])
     return f"pipeline run failed: {error}"
 
