@@ -89,3 +89,17 @@ def make_config(tmp_path: Path, **sections):
     }
     raw.update(sections)
     return resolve_config_paths(parse_config(raw, source="test"), base_dir=tmp_path)
+
+
+def pytest_collection_modifyitems(config, items):
+    """In CI (CI=true) run only the slow tests also marked `ci`; elsewhere run them all.
+
+    Set TUNELOOP_ALL_SLOW=1 to run every slow test in CI too. `gpu` tests skip without CUDA.
+    """
+    import os
+
+    in_ci = os.environ.get("CI", "").lower() == "true" and not os.environ.get("TUNELOOP_ALL_SLOW")
+    skip_slow = pytest.mark.skip(reason="slow test outside the CI subset (set TUNELOOP_ALL_SLOW=1 to run)")
+    for item in items:
+        if in_ci and "slow" in item.keywords and "ci" not in item.keywords:
+            item.add_marker(skip_slow)

@@ -50,6 +50,7 @@ def project(tmp_path_factory):
     return directory
 
 
+@pytest.mark.ci
 def test_pipeline_registers_a_champion(project):
     result = run_local(project)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
