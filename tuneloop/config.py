@@ -257,6 +257,65 @@ class AlertsConfig(StrictModel):
     webhook_url_env: str = "TUNELOOP_WEBHOOK_URL"
 
 
+class MonitoringConfig(StrictModel):
+    """Drift monitoring of served traffic (``tuneloop monitor``, the monitoring pipeline) and the
+    cooldown-guarded retraining it starts.
+
+    The current data is the prediction log of the monitored model version (``deployment.model_version``
+    or the champion) over ``window``: a duration (``24h``, ``90m``, ``7d``, ``2w``) or a number of the
+    most recent records (``5000``). The reference is that version's own training frame, found through
+    its ``tuneloop.dataset_uri`` lineage tag. With fewer than ``min_rows`` current rows the verdict is
+    ``insufficient_data``, never drift. Otherwise it is drift when the share of drifted feature columns
+    reaches ``drift_share``, when a column of ``critical_columns`` drifts, when the prediction
+    distribution drifts (``prediction_drift``), or when the macro-F1 on feedback labels falls more
+    than ``max_quality_drop_points`` below the version's test macro-F1.
+
+    ``stattest``/``stattest_threshold`` choose Evidently's method for every feature column (None:
+    Evidently picks by column type and reference size); the prediction column uses
+    ``prediction_method``/``prediction_threshold``. Windows larger than ``current_max_rows`` and
+    references larger than ``reference_max_rows`` are sampled down (fixed seed) to bound time and
+    memory. ``reference_predictions``: ``labels`` compares the served predictions with the training
+    labels (free); ``champion`` with the model's own predictions on the reference texts (computed once
+    per version and cached in the state directory).
+
+    ``trigger``: ``local`` runs ``training_pipeline_file`` through ``kfp.local``; ``kubeflow`` starts
+    the latest uploaded version of ``training_pipeline_name`` on ``kubeflow_host`` (empty:
+    ``$KF_PIPELINES_ENDPOINT``); ``none`` only alerts. At most one retraining run starts per
+    ``cooldown_hours``; the trigger ledger is a JSON file in the state directory (``ledger: file``)
+    or a tag on the registered model (``ledger: registry``, for monitors without persistent state).
+    """
+
+    window: str = Field("24h", pattern=r"^\s*[0-9]+\s*[smhdw]?\s*$",
+                        description="Duration like 24h/90m/7d, or a count of the latest records like 5000.")
+    min_rows: int = Field(200, ge=1)
+    drift_share: float = Field(0.5, gt=0.0, le=1.0)
+    critical_columns: list[str] = []
+    prediction_drift: bool = True
+    stattest: Literal[
+        "TVD", "anderson", "chisquare", "cramer_von_mises", "ed", "empirical_mmd", "es", "fisher_exact", "g_test",
+        "hellinger", "jensenshannon", "kl_div", "ks", "mannw", "psi", "t_test", "wasserstein", "z",
+    ] | None = None
+    stattest_threshold: float | None = Field(None, gt=0.0)
+    prediction_method: Literal["TVD", "chisquare", "g_test", "hellinger", "jensenshannon", "kl_div", "psi", "z"] = (
+        "jensenshannon"
+    )
+    prediction_threshold: float = Field(0.1, gt=0.0)
+    text_content_drift: bool = True
+    reference_predictions: Literal["labels", "champion"] = "labels"
+    reference_max_rows: int = Field(20_000, ge=100)
+    current_max_rows: int = Field(100_000, ge=100)
+    min_feedback_rows: int = Field(30, ge=1)
+    max_quality_drop_points: float | None = Field(None, ge=0.0, le=100.0)
+    trigger: Literal["none", "local", "kubeflow"] = "local"
+    cooldown_hours: float = Field(24.0, ge=0.0)
+    ledger: Literal["file", "registry"] = "file"
+    training_pipeline_file: str = "pipelines/training.py"
+    training_pipeline_name: str = "tuneloop-training"
+    kubeflow_host: str | None = None
+    kubeflow_namespace: str | None = None
+    kubeflow_experiment: str = "tuneloop"
+
+
 class ResourcesConfig(StrictModel):
     """Kubernetes requests and limits of one step (quantities as Kubernetes writes them)."""
 
@@ -341,6 +400,7 @@ class TuneloopConfig(StrictModel):
     registry: RegistryConfig = RegistryConfig()
     deployment: DeploymentConfig = DeploymentConfig()
     alerts: AlertsConfig = AlertsConfig()
+    monitoring: MonitoringConfig = MonitoringConfig()
     kubeflow: KubeflowConfig = KubeflowConfig()
 
     @property

@@ -1,0 +1,379 @@
+"""Drift monitoring (Evidently) on tiny synthetic traffic: windows, skipped files, versions, verdicts."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.conftest import make_config
+from tuneloop import monitoring, registry
+from tuneloop.artifacts import write_metadata
+from tuneloop.errors import ConfigError
+
+NOW = pd.Timestamp("2025-03-01 12:00:00", tz="UTC")
+HAM = ["Ok lar, see you at {n}", "I'll be home soon, do you want milk?", "Sorry, can't make dinner tonight",
+       "Are we still meeting at the library at {n}?", "haha that is so funny", "call me when you get this",
+       "Going to the gym now, back by {n}", "Did you watch the game last night?"]
+SPAM = ["WINNER!! Claim your prize, call 0906{n}", "Free entry to win a cup final ticket, txt WIN to 8{n}"]
+CAMPAIGN = ["URGENT! Your parcel {n} is held. Pay the fee at http://dlvry-{n}.info/p?id={n}{n} or call 0{n}{n}",
+            "ALERT: account {n}{n} locked. Verify now at www.secure-{n}.com/login ref {n}{n}{n}"]
+
+
+def traffic(rows: int, seed: int, *, spam: float = 0.15, campaign: float = 0.0) -> pd.DataFrame:
+    """Texts with labels: ham, classic spam and (when ``campaign`` > 0) a new URL/digit spam campaign."""
+    rng = np.random.default_rng(seed)
+    records = []
+    for _ in range(rows):
+        draw = rng.random()
+        if draw < campaign:
+            pool, label = CAMPAIGN, "spam"
+        elif draw < campaign + spam:
+            pool, label = SPAM, "spam"
+        else:
+            pool, label = HAM, "ham"
+        text = pool[int(rng.integers(len(pool)))].format(n=int(rng.integers(10_000, 99_999)))
+        records.append({"text": text, "label": label})
+    return pd.DataFrame.from_records(records)
+
+
+def write_log(config, texts: pd.DataFrame, *, version: str = "1", when: pd.Timestamp = NOW, name: str | None = None,
+              spread_minutes: int = 60) -> str:
+    """One prediction-log file as the server writes it (predicted label = the label here)."""
+    from tuneloop.serving import prediction_log_uri, with_text_features
+
+    offsets = np.linspace(spread_minutes, 1, len(texts)) if len(texts) else []
+    records = [{"request_id": uuid.uuid4().hex, "timestamp": (when - pd.Timedelta(seconds=int(m * 60))).to_pydatetime(),
+                "model_version": version, "text": text, "predicted_label": label, "confidence": 0.9,
+                "probability_ham": 0.9 if label == "ham" else 0.1, "probability_spam": 0.1 if label == "ham" else 0.9}
+               for text, label, m in zip(texts["text"], texts["label"], offsets)]
+    frame = with_text_features(records)
+    folder = prediction_log_uri(config)
+    import os
+
+    os.makedirs(folder, exist_ok=True)
+    name = name or f"predictions-{when:%Y%m%dT%H%M%S%f}Z-1-{uuid.uuid4().hex[:6]}-abcd1234.parquet"
+    path = f"{folder}/{name}"
+    frame.to_parquet(path, index=False)
+    return path
+
+
+def write_feedback(config, log_path: str, *, wrong_share: float = 0.0, when: pd.Timestamp = NOW) -> None:
+    from tuneloop.serving import feedback_log_uri
+
+    logged = pd.read_parquet(log_path)
+    flip = np.random.default_rng(7).random(len(logged)) < wrong_share
+    labels = [("spam" if p == "ham" else "ham") if f else p for p, f in zip(logged["predicted_label"], flip)]
+    feedback = pd.DataFrame({"request_id": logged["request_id"], "timestamp": when.to_pydatetime(), "label": labels,
+                             "model_version": logged["model_version"], "predicted_label": logged["predicted_label"]})
+    import os
+
+    folder = feedback_log_uri(config)
+    os.makedirs(folder, exist_ok=True)
+    feedback.to_parquet(f"{folder}/feedback-{when:%Y%m%dT%H%M%S%f}Z-1-000000-abcd.parquet", index=False)
+
+
+@pytest.fixture
+def reference() -> pd.DataFrame:
+    return traffic(800, seed=1)
+
+
+def check(config, reference, window="24h", **kwargs):
+    return monitoring.check_drift(config, window, reference=reference, model_version="1", now=NOW, **kwargs)
+
+
+def last_line(capsys) -> str:
+    return capsys.readouterr().out.strip().splitlines()[-1]
+
+
+# --------------------------------------------------------------------------------------------
+# Windows
+
+
+@pytest.mark.parametrize("spec, duration, records", [
+    ("24h", pd.Timedelta(hours=24), None), ("90m", pd.Timedelta(minutes=90), None), ("7d", pd.Timedelta(days=7), None),
+    (" 2w ", pd.Timedelta(weeks=2), None), ("5000", None, 5000), (300, None, 300),
+])
+def test_parse_window(spec, duration, records):
+    window = monitoring.parse_window(spec)
+    assert window.records == records
+    assert (pd.Timedelta(window.duration) if window.duration else None) == duration
+
+
+@pytest.mark.parametrize("spec", ["", "0", "24x", "h", "-5", "1.5h"])
+def test_bad_window_is_a_config_error(spec):
+    with pytest.raises(ConfigError, match="invalid window"):
+        monitoring.parse_window(spec)
+
+
+# --------------------------------------------------------------------------------------------
+# Too little data: insufficient_data, never drift, never a crash
+
+
+def test_no_log_files_is_insufficient_data(tmp_path, reference, capsys):
+    config = make_config(tmp_path, monitoring={"trigger": "none"})
+    outcome = monitoring.monitor(config, "24h", reference=reference, model_version="1", now=NOW)
+    assert outcome.verdict == monitoring.INSUFFICIENT_DATA and outcome.exit_code == 11
+    assert "no prediction log files" in outcome.report.summary["reasons"][0]
+    assert last_line(capsys) == "verdict: insufficient data"
+    assert outcome.report.html_path.is_file() and "insufficient data" in outcome.report.html_path.read_text()
+    assert json.loads(outcome.report.json_path.read_text())["verdict"] == "insufficient_data"
+
+
+def test_empty_window_is_insufficient_data(tmp_path, reference):
+    config = make_config(tmp_path, monitoring={"min_rows": 50})
+    write_log(config, traffic(300, seed=2), when=NOW - pd.Timedelta(days=3))
+    report = check(config, reference, "24h")
+    assert report.verdict == monitoring.INSUFFICIENT_DATA
+    assert "no prediction log files" in report.summary["reasons"][0]  # the old file is not even opened
+
+
+def test_window_without_records_of_any_time_is_insufficient_data(tmp_path, reference):
+    config = make_config(tmp_path, monitoring={"min_rows": 50})
+    # a file flushed inside the window whose records all lie outside it (clock skew, a late flush)
+    write_log(config, traffic(100, seed=2), when=NOW - pd.Timedelta(days=3), name="predictions-x.parquet")
+    report = check(config, reference, "24h")
+    assert report.verdict == monitoring.INSUFFICIENT_DATA
+    assert "holds no records" in report.summary["reasons"][0]
+
+
+def test_window_of_three_rows_is_insufficient_data_even_when_shifted(tmp_path, reference, capsys):
+    config = make_config(tmp_path, monitoring={"trigger": "none"})
+    write_log(config, traffic(3, seed=3, campaign=1.0))
+    outcome = monitoring.monitor(config, "24h", reference=reference, model_version="1", now=NOW)
+    assert outcome.verdict == monitoring.INSUFFICIENT_DATA and not outcome.report.drift
+    assert "3 records of version 1" in outcome.report.summary["reasons"][0]
+    assert "min_rows=200" in outcome.report.summary["reasons"][0]
+    assert last_line(capsys) == "verdict: insufficient data"
+    by_count = check(config, reference, "3")
+    assert by_count.verdict == monitoring.INSUFFICIENT_DATA and by_count.summary["rows"]["current"] == 3
+
+
+def test_no_champion_is_insufficient_data(tmp_path, shared_registry):
+    config = make_config(tmp_path, monitoring={"min_rows": 1},
+                         registry={"model_name": "never-registered", "tracking_uri": shared_registry})
+    write_log(config, traffic(20, seed=2))
+    report = monitoring.check_drift(config, "24h", now=NOW)
+    assert report.verdict == monitoring.INSUFFICIENT_DATA
+    assert "no champion" in report.summary["reasons"][0]
+
+
+# --------------------------------------------------------------------------------------------
+# Verdicts
+
+
+def test_in_distribution_sample_is_no_drift(tmp_path, reference, capsys):
+    config = make_config(tmp_path, monitoring={"min_rows": 100, "trigger": "none"})
+    write_log(config, traffic(300, seed=2))
+    outcome = monitoring.monitor(config, "24h", reference=reference, model_version="1", now=NOW)
+    summary = outcome.report.summary
+    assert outcome.verdict == monitoring.NO_DRIFT and outcome.exit_code == 0, summary["reasons"]
+    assert last_line(capsys) == "verdict: no drift"
+    assert summary["rows"] == {"current": 300, "reference": 800, "min_rows": 100}
+    assert summary["drift_share"] < 0.5 and not summary["prediction"]["drifted"]
+    covered = {c["column"] for c in summary["columns"]}
+    assert covered == set(monitoring.known_columns())
+    assert summary["evidently"]["metrics"], "Evidently's own results are kept"
+    assert outcome.trigger is None and outcome.alert is None
+
+
+def test_shifted_sample_is_drift(tmp_path, reference):
+    config = make_config(tmp_path, monitoring={"min_rows": 100})
+    write_log(config, traffic(300, seed=2, campaign=0.6))
+    report = check(config, reference)
+    summary = report.summary
+    assert report.verdict == monitoring.DRIFT and summary["drift"] is True
+    drifted = set(summary["drifted_columns"])
+    assert {"has_url", "digit_share", "predicted_label"} <= drifted
+    assert summary["drift_share"] >= 0.5
+    assert any(reason.startswith("prediction distribution drifted") for reason in summary["reasons"])
+    assert summary["prediction"]["current_distribution"]["spam"] > 0.6
+    page = report.html_path.read_text()
+    assert "verdict: drift detected" in page and "has_url" in page
+    message, details = monitoring.drift_alert(summary)
+    assert "version 1" in message and "has_url" in message and str(report.html_path) in message
+    assert details["model_version"] == "1" and details["report"] == str(report.html_path)
+    assert {c["column"] for c in details["drifted_columns"]} == drifted
+
+
+def test_critical_column_alone_is_drift(tmp_path, reference):
+    config = make_config(tmp_path, monitoring={"min_rows": 100, "drift_share": 1.0, "prediction_drift": False,
+                                               "critical_columns": ["has_url"]})
+    write_log(config, traffic(300, seed=2, campaign=0.2))
+    report = check(config, reference)
+    assert report.verdict == monitoring.DRIFT
+    assert any(reason.startswith("critical column has_url") for reason in report.summary["reasons"])
+
+
+def test_unknown_critical_column_is_a_config_error(tmp_path, reference):
+    config = make_config(tmp_path, monitoring={"min_rows": 10, "critical_columns": ["nope"]})
+    write_log(config, traffic(50, seed=2))
+    with pytest.raises(ConfigError, match="critical_columns"):
+        check(config, reference)
+
+
+# --------------------------------------------------------------------------------------------
+# What is read, what is left out
+
+
+def test_corrupt_and_truncated_files_are_skipped_and_named(tmp_path, reference):
+    config = make_config(tmp_path, monitoring={"min_rows": 100})
+    good = write_log(config, traffic(300, seed=2))
+    folder = good.rsplit("/", 1)[0]
+    garbage = f"{folder}/predictions-{NOW:%Y%m%dT%H%M%S}000001Z-1-000001-garbage.parquet"
+    truncated = f"{folder}/predictions-{NOW:%Y%m%dT%H%M%S}000002Z-1-000002-truncated.parquet"
+    with open(garbage, "wb") as handle:
+        handle.write(b"not parquet at all")
+    with open(good, "rb") as source, open(truncated, "wb") as target:
+        target.write(source.read()[:-100])
+    report = check(config, reference)
+    skipped = {entry["path"]: entry["reason"] for entry in report.summary["log"]["files_skipped"]}
+    assert set(skipped) == {garbage, truncated}
+    assert report.summary["rows"]["current"] == 300 and report.verdict == monitoring.NO_DRIFT
+    page = report.html_path.read_text()
+    assert "garbage.parquet" in page and "truncated.parquet" in page
+
+
+def test_only_corrupt_files_is_insufficient_data(tmp_path, reference):
+    config = make_config(tmp_path)
+    folder = tmp_path / "state" / "predictions"
+    folder.mkdir(parents=True)
+    (folder / f"predictions-{NOW:%Y%m%dT%H%M%S}000000Z-1-0-x.parquet").write_bytes(b"PAR1broken")
+    report = check(config, reference)
+    assert report.verdict == monitoring.INSUFFICIENT_DATA
+    assert "no readable prediction log file" in report.summary["reasons"][0]
+    assert len(report.summary["log"]["files_skipped"]) == 1
+
+
+def test_record_count_window_takes_the_newest_records(tmp_path, reference):
+    config = make_config(tmp_path, monitoring={"min_rows": 100})
+    write_log(config, traffic(300, seed=4, campaign=0.6), when=NOW - pd.Timedelta(days=2))
+    write_log(config, traffic(250, seed=2), when=NOW)
+    report = check(config, reference, "250")
+    assert report.summary["rows"]["current"] == 250
+    assert report.summary["log"]["files_read"] == 1  # the newest file had enough
+    assert report.verdict == monitoring.NO_DRIFT
+    assert check(config, reference, "7d").verdict == monitoring.DRIFT
+
+
+@pytest.fixture(scope="module")
+def shared_registry(tmp_path_factory) -> str:
+    """A real SQLite registry (built once: MLflow's migrations take seconds) with versions 1 and 2
+    (champion) of model ``test-model``, each with its own training frame."""
+    root = tmp_path_factory.mktemp("registry")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    config = make_config(root, registry={"model_name": "test-model", "tracking_uri": uri})
+    compressed = root / "compressed"
+    write_metadata(compressed, {"kind": "compressed_model", "runtime": "onnxruntime", "precision": "int8",
+                                "labels": ["ham", "spam"], "base_model": "tiny", "data_fingerprint": "f00d"})
+    (compressed / "model.onnx").write_bytes(b"onnx bytes")
+    decision = {"blessed": True, "checks": [], "test_metrics": {"macro_f1": 0.95, "accuracy": 0.97}}
+    for version, seed in (("1", 11), ("2", 1)):
+        frame = traffic(800, seed=seed, campaign=0.6 if version == "1" else 0.0)
+        frame.insert(0, "id", [f"v{version}-{i}" for i in range(len(frame))])
+        frame["split"] = "train"
+        path = root / f"dataset-{version}.parquet"
+        frame.to_parquet(path, index=False)
+        assert registry.register(config, compressed, decision, path).version == version
+    return uri
+
+
+@pytest.fixture
+def two_versions(tmp_path, shared_registry):
+    """A config of its own (state, logs) on the shared registry."""
+    return make_config(tmp_path, monitoring={"min_rows": 100},
+                       registry={"model_name": "test-model", "tracking_uri": shared_registry})
+
+
+def test_reference_comes_from_the_champions_lineage_and_older_versions_are_left_out(two_versions):
+    config = two_versions
+    write_log(config, traffic(300, seed=2), version="2")
+    write_log(config, traffic(120, seed=5, campaign=0.9), version="1")  # the old champion's traffic
+    report = monitoring.check_drift(config, "24h", now=NOW)
+    summary = report.summary
+    assert summary["model_version"] == "2"
+    assert summary["reference"]["uri"].endswith("/data/dataset.parquet") and summary["reference"]["rows"] == 800
+    assert summary["log"]["other_versions"] == {"1": 120}
+    assert summary["rows"]["current"] == 300
+    assert report.verdict == monitoring.NO_DRIFT, summary["reasons"]
+    assert "120 records of version 1" in report.html_path.read_text()
+    cached = monitoring.reference_cache_dir(config, "2") / "dataset.parquet"
+    assert cached.is_file(), "the training frame is downloaded once and cached"
+
+
+def test_only_older_version_records_is_insufficient_data(two_versions):
+    config = two_versions
+    write_log(config, traffic(300, seed=2), version="1")
+    report = monitoring.check_drift(config, "24h", now=NOW)
+    assert report.verdict == monitoring.INSUFFICIENT_DATA
+    assert "0 records of version 2" in report.summary["reasons"][0]
+    assert "version 1: 300" in report.summary["reasons"][0]
+
+
+def test_pinned_deployment_version_is_the_one_monitored(two_versions):
+    config = two_versions
+    config.deployment.model_version = "1"
+    write_log(config, traffic(300, seed=6, campaign=0.6), version="1")
+    report = monitoring.check_drift(config, "24h", now=NOW)
+    assert report.summary["model_version"] == "1"
+    assert report.verdict == monitoring.NO_DRIFT, "version 1 was trained on campaign traffic"
+
+
+# --------------------------------------------------------------------------------------------
+# Feedback labels
+
+
+def test_feedback_labels_add_classification_quality(tmp_path, reference):
+    config = make_config(tmp_path, monitoring={"min_rows": 100, "min_feedback_rows": 50})
+    path = write_log(config, traffic(300, seed=2))
+    write_feedback(config, path, wrong_share=0.3)
+    report = check(config, reference)
+    quality = report.summary["quality"]
+    assert quality["rows"] == 300 and 0.6 < quality["accuracy"] < 0.8
+    assert "Quality on feedback labels" in report.html_path.read_text()
+    assert report.verdict == monitoring.NO_DRIFT  # no quality limit configured
+
+
+def test_quality_drop_beyond_the_limit_is_drift(two_versions):
+    config = two_versions
+    config.monitoring.max_quality_drop_points = 5.0
+    path = write_log(config, traffic(300, seed=2), version="2")
+    write_feedback(config, path, wrong_share=0.3)
+    report = monitoring.check_drift(config, "24h", now=NOW)
+    quality = report.summary["quality"]
+    assert quality["version_test_macro_f1"] == 0.95 and quality["macro_f1_drop_points"] > 5
+    assert report.verdict == monitoring.DRIFT
+    assert any("feedback labels" in reason for reason in report.summary["reasons"])
+
+
+# --------------------------------------------------------------------------------------------
+# The pipeline
+
+
+def test_monitoring_pipeline_alerts_and_retrains_only_on_drift(tmp_path):
+    from pathlib import Path
+
+    import yaml
+    from google.protobuf import json_format
+    from kfp.pipeline_spec import pipeline_spec_pb2
+
+    from tuneloop.orchestration import compile_pipeline
+
+    config = make_config(tmp_path)
+    output = compile_pipeline(Path(__file__).resolve().parents[2] / "pipelines" / "monitoring.py",
+                              tmp_path / "monitoring.yaml", config)
+    spec = json_format.ParseDict(next(yaml.safe_load_all(output.read_text())), pipeline_spec_pb2.PipelineSpec(),
+                                 ignore_unknown_fields=False)
+    assert spec.pipeline_info.name == "tuneloop-monitoring"
+    assert set(spec.root.dag.tasks) == {"exit-handler-1", "notify"}
+    inner = spec.components["comp-exit-handler-1"].dag.tasks
+    (condition,) = [task for name, task in inner.items() if name.startswith("condition")]
+    expected = "inputs.parameter_values['pipelinechannel--monitor-drift-drift'] == true"
+    assert condition.trigger_policy.condition == expected
+    branch = spec.components[condition.component_ref.name].dag.tasks
+    assert set(branch) == {"notify-drift", "trigger-retraining"}
+    assert list(branch["trigger-retraining"].dependent_tasks) == ["notify-drift"]
+    assert "window" in spec.root.input_definitions.parameters
