@@ -7,7 +7,7 @@ DEV_STAMP := $(VENV)/.installed-dev
 EXAMPLE := examples/sms_spam
 PYTEST_ARGS ?=
 
-.PHONY: install install-dev demo test test-fast compile clean
+.PHONY: install install-dev demo demo-drift test test-fast compile clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,8 +35,12 @@ test: $(DEV_STAMP)  ## run the test suite
 test-fast: $(DEV_STAMP)  ## the tests not marked slow
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
-compile: $(STAMP)  ## compile the training pipeline to KFP IR YAML
-	$(BIN)/tuneloop compile pipelines/training.py --output build/training.yaml
+demo-drift: $(STAMP)  ## after `make demo`: serve in-distribution then campaign traffic, monitor, retrain once
+	$(BIN)/python benchmarks/drift.py --demo --config $(EXAMPLE)/tuneloop.yaml
+
+compile: $(STAMP)  ## compile both pipelines to KFP IR YAML under build/
+	$(BIN)/tuneloop compile pipelines/training.py --output build/training.yaml --config $(EXAMPLE)/tuneloop.yaml
+	$(BIN)/tuneloop compile pipelines/monitoring.py --output build/monitoring.yaml --config $(EXAMPLE)/tuneloop.yaml
 
 clean:
 	rm -rf .tuneloop build

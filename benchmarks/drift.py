@@ -247,9 +247,18 @@ def demo(args) -> int:
             outcomes.append(monitoring.monitor(config, str(len(texts))))
     finally:
         runtime.close()
+    for repeat in (1, 2):
+        print(f"\n== tuneloop monitor again ({repeat} of 2) within the cooldown: no second retraining run",
+              flush=True)
+        outcomes.append(monitoring.monitor(config, str(size)))
     verdicts = [outcome.verdict for outcome in outcomes]
-    print(f"\ndemo: verdicts {verdicts}; exit codes {[outcome.exit_code for outcome in outcomes]}", flush=True)
-    return 0 if verdicts == [monitoring.NO_DRIFT, monitoring.DRIFT] else 1
+    triggers = [getattr(outcome.trigger, "status", None) for outcome in outcomes]
+    started = [t for t in triggers if t == "started"]
+    print(f"\ndemo: verdicts {verdicts}; exit codes {[outcome.exit_code for outcome in outcomes]}; "
+          f"retraining triggers {triggers}", flush=True)
+    expected = verdicts[:2] == [monitoring.NO_DRIFT, monitoring.DRIFT] and len(started) == 1 and triggers[1] == "started"
+    print("demo: " + ("ok: one drift, one alert, exactly one retraining run" if expected else "UNEXPECTED outcome"))
+    return 0 if expected else 1
 
 
 def main() -> int:

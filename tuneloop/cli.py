@@ -168,6 +168,22 @@ def schedule(host, cron, name, pipeline_name, experiment, params, namespace, tok
     click.echo(f"{state} recurring run {name} ({result.recurring_run_id}): {cron}")
 
 
+@cli.command()
+@config_option
+@click.option("--window", default=None,
+              help="24h, 90m, 7d, or a number of recent records like 5000 (default: monitoring.window).")
+def monitor(config_path, window) -> None:
+    """Check served traffic for drift; on drift alert and start retraining (cooldown-guarded).
+
+    Exit codes: 0 no drift, 10 drift detected, 11 insufficient data, 12 an alert waits in the
+    spool; errors have their own codes. The last line is the verdict.
+    """
+    from tuneloop.config import load_config
+    from tuneloop.monitoring import monitor as run_monitor
+
+    sys.exit(run_monitor(load_config(config_path), window).exit_code)
+
+
 @cli.group()
 def models() -> None:
     """The model registry: versions, aliases and metrics."""
