@@ -11,10 +11,11 @@ to KFP IR YAML for a cluster (``tuneloop compile pipelines/monitoring.py``), whe
 ``kubeflow`` section at compile time: ``build_pipeline(config.kubeflow)``.
 """
 
-from kfp import dsl, kubernetes
+from kfp import dsl
 
 from components.alerts import notify
 from components.monitoring import monitor_drift, notify_drift, trigger_retraining
+from pipelines.cluster import configure_task
 from tuneloop.config import KubeflowConfig
 
 PIPELINE_NAME = "tuneloop-monitoring"
@@ -42,27 +43,9 @@ def build_pipeline(kubeflow: KubeflowConfig | None = None):
                 trigger = trigger_retraining(config_json=config_json, summary=check.outputs["summary"]).after(alert)
         steps = {"monitor_drift": check, "notify_drift": alert, "trigger_retraining": trigger, "notify": exit_task}
         for step, task in steps.items():
-            configure_task(task, step, kubeflow)
+            configure_task(task, step, kubeflow, retried_steps=RETRIED_STEPS)
 
     return monitoring_pipeline
-
-
-def configure_task(task, step: str, kubeflow: KubeflowConfig) -> None:
-    """Image, default resources, secrets by reference, retries of the retry-safe steps, no caching."""
-    task.set_container_image(kubeflow.image)
-    task.set_caching_options(False)  # the log and the registry change under the same parameters
-    resources = kubeflow.resources.get("default")
-    if resources is not None:
-        for value, setter in ((resources.cpu_request, task.set_cpu_request), (resources.cpu_limit, task.set_cpu_limit),
-                              (resources.memory_request, task.set_memory_request),
-                              (resources.memory_limit, task.set_memory_limit)):
-            if value:
-                setter(value)
-    if step in RETRIED_STEPS and kubeflow.retries:
-        task.set_retry(num_retries=kubeflow.retries, backoff_duration="30s", backoff_factor=2.0)
-    for secret in kubeflow.secrets:
-        kubernetes.use_secret_as_env(task, secret_name=secret.secret, secret_key_to_env={secret.key: secret.env},
-                                     optional=True)
 
 
 monitoring_pipeline = build_pipeline()

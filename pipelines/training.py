@@ -8,7 +8,7 @@ Cluster settings (images, GPU nodes, resources, secrets, retries) come from the 
 section of the config at compile time: ``build_pipeline(config.kubeflow)``. ``kfp.local`` ignores them.
 """
 
-from kfp import dsl, kubernetes
+from kfp import dsl
 
 from components.alerts import notify, report_rejection
 from components.compression import compress
@@ -17,6 +17,7 @@ from components.features import retrieve_features
 from components.registry import register
 from components.training import finetune
 from components.validation import validate_data
+from pipelines.cluster import configure_task
 from tuneloop.config import KubeflowConfig
 
 PIPELINE_NAME = "tuneloop-training"
@@ -84,51 +85,9 @@ def build_pipeline(kubeflow: KubeflowConfig | None = None):
             "notify": exit_task,
         }
         for step, task in steps.items():
-            configure_task(task, step, kubeflow)
+            configure_task(task, step, kubeflow, retried_steps=TRANSIENT_STEPS)
 
     return training_pipeline
-
-
-def configure_task(task, step: str, kubeflow: KubeflowConfig) -> None:
-    """Apply image, resources, GPU, secrets, retries and caching to one task."""
-    gpu = step in kubeflow.gpu.steps
-    task.set_container_image(kubeflow.gpu_image if gpu else kubeflow.image)
-    # Each step reads data or registry state that can change under the same parameters (new rows,
-    # a new champion), so none may be answered from the cache.
-    task.set_caching_options(False)
-    _set_resources(task, kubeflow.resources.get(step) or kubeflow.resources.get("default"))
-    if gpu:
-        _request_gpu(task, kubeflow)
-    if step in TRANSIENT_STEPS and kubeflow.retries:
-        task.set_retry(num_retries=kubeflow.retries, backoff_duration="30s", backoff_factor=2.0)
-    for secret in kubeflow.secrets:
-        kubernetes.use_secret_as_env(task, secret_name=secret.secret, secret_key_to_env={secret.key: secret.env},
-                                     optional=True)
-
-
-def _set_resources(task, resources) -> None:
-    if resources is None:
-        return
-    if resources.cpu_request:
-        task.set_cpu_request(resources.cpu_request)
-    if resources.cpu_limit:
-        task.set_cpu_limit(resources.cpu_limit)
-    if resources.memory_request:
-        task.set_memory_request(resources.memory_request)
-    if resources.memory_limit:
-        task.set_memory_limit(resources.memory_limit)
-
-
-def _request_gpu(task, kubeflow: KubeflowConfig) -> None:
-    gpu = kubeflow.gpu
-    task.set_accelerator_type(gpu.accelerator).set_accelerator_limit(gpu.count)
-    for label, value in gpu.node_selector.items():
-        kubernetes.add_node_selector(task, label_key=label, label_value=value)
-    for toleration in gpu.tolerations:
-        kubernetes.add_toleration(task, key=toleration.key, operator=toleration.operator, value=toleration.value,
-                                  effect=toleration.effect)
-    kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
-                               size_limit=gpu.shm_size)
 
 
 training_pipeline = build_pipeline()

@@ -89,6 +89,12 @@ class FeaturesConfig(StrictModel):
 
     project: str = Field("tuneloop", pattern=r"^[a-z][a-z0-9_]*$")
     ttl_days: int = Field(3650, ge=1, description="How old a text may be and still join a label.")
+    registry_url_env: str | None = Field(
+        None, description="Env var holding a SQL registry URL (cluster); unset: a file registry in state_dir."
+    )
+    redis_connection_env: str | None = Field(
+        None, description="Env var holding a Redis connection string (cluster); unset: SQLite in state_dir."
+    )
     split: SplitConfig = SplitConfig()
 
 
@@ -405,9 +411,12 @@ class TuneloopConfig(StrictModel):
 
     @property
     def tracking_uri(self) -> str:
-        """The MLflow tracking URI: the configured one, else SQLite in the state directory."""
+        """The MLflow tracking URI: the configured one, else ``MLFLOW_TRACKING_URI`` from the
+        environment (a cluster), else SQLite in the state directory."""
         if self.registry.tracking_uri:
             return self.registry.tracking_uri
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            return os.environ["MLFLOW_TRACKING_URI"]
         return f"sqlite:///{Path(self.state_dir).resolve() / 'mlflow.db'}"
 
     @property

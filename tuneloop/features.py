@@ -19,6 +19,7 @@ Public API:
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from contextlib import contextmanager
@@ -30,7 +31,7 @@ import pandas as pd
 
 from tuneloop.config import TuneloopConfig
 from tuneloop.datasets import SPLIT_COLUMN, SPLITS, assign_split, read_table, require_columns
-from tuneloop.errors import DataError
+from tuneloop.errors import ConfigError, DataError
 
 STAGE = "features"
 EVENT_TIMESTAMP = "event_timestamp"
@@ -318,12 +319,36 @@ def repo_config(config: TuneloopConfig):
     return RepoConfig(
         project=config.features.project,
         provider="local",
-        registry=str(directory / "registry.db"),
+        registry=_registry_settings(config, directory),
         offline_store={"type": "file"},
-        online_store={"type": "sqlite", "path": str(directory / "online_store.db")},
+        online_store=_online_store_settings(config, directory),
         entity_key_serialization_version=3,
         repo_path=directory,
     )
+
+
+def _secret_from_env(variable: str, field: str) -> str:
+    """A connection string read from the environment (it holds credentials, so never from config)."""
+    value = os.environ.get(variable, "")
+    if not value:
+        raise ConfigError(f"{field}: environment variable {variable} is not set", field=field)
+    return value
+
+
+def _registry_settings(config: TuneloopConfig, directory: Path):
+    """A SQL registry in a cluster (``features.registry_url_env``), else a file in the state dir."""
+    if config.features.registry_url_env:
+        url = _secret_from_env(config.features.registry_url_env, "features.registry_url_env")
+        return {"registry_type": "sql", "path": url, "cache_ttl_seconds": 60}
+    return str(directory / "registry.db")
+
+
+def _online_store_settings(config: TuneloopConfig, directory: Path) -> dict:
+    """Redis in a cluster (``features.redis_connection_env``), else SQLite in the state dir."""
+    if config.features.redis_connection_env:
+        connection = _secret_from_env(config.features.redis_connection_env, "features.redis_connection_env")
+        return {"type": "redis", "connection_string": connection}
+    return {"type": "sqlite", "path": str(directory / "online_store.db")}
 
 
 def open_store(config: TuneloopConfig, definitions: FeatureDefinitions | None = None):

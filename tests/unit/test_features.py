@@ -378,3 +378,28 @@ def test_repeated_labels_keep_the_last_and_an_empty_directory_path_becomes_the_f
     assert target.is_file()
     assert summary.total_rows == len(labelled_frame) and summary.dropped_rows == 0
     assert dataset.set_index("id").loc["m00000", "label"] == "ham"
+
+
+def test_cluster_flavour_reads_connections_from_env_only(tmp_path, monkeypatch):
+    """SQL registry and Redis online store come from env vars named in the config, never the config."""
+    from feast.repo_config import load_repo_config
+
+    from tests.conftest import make_config
+    from tuneloop.errors import ConfigError
+    from tuneloop.features import repo_config
+
+    config = make_config(tmp_path, features={"registry_url_env": "FEAST_REGISTRY_URL",
+                                             "redis_connection_env": "FEAST_REDIS_CONNECTION"})
+    monkeypatch.delenv("FEAST_REGISTRY_URL", raising=False)
+    with pytest.raises(ConfigError, match="FEAST_REGISTRY_URL is not set"):
+        repo_config(config)
+    monkeypatch.setenv("FEAST_REGISTRY_URL", "postgresql+psycopg://u:p@db:5432/feast")
+    monkeypatch.setenv("FEAST_REDIS_CONNECTION", "redis:6379,password=p")
+    settings = repo_config(config)
+    assert settings.registry.registry_type == "sql"
+    assert settings.online_store.type == "redis"
+    assert "p@db" not in config.to_json()
+    overlay = Path(__file__).resolve().parents[2] / "feature_repo" / "cluster"
+    loaded = load_repo_config(overlay, overlay / "feature_store.yaml")
+    assert loaded.registry.path == "postgresql+psycopg://u:p@db:5432/feast"
+    assert loaded.online_store.connection_string == "redis:6379,password=p"
