@@ -1,4 +1,4 @@
-"""The `compress` component: ONNX export, int8 quantization within the accuracy budget."""
+"""The `compress` component: build compressed variants, keep the fastest within the accuracy budget."""
 
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
@@ -14,12 +14,15 @@ def compress(
     compressed: Output[Model],
     metrics: Output[Metrics],
 ):
-    """Export the fine-tuned model to ONNX and quantize it to int8 (ONNX Runtime, dynamic).
+    """Export the fine-tuned model to ONNX and build the variants in compression.variants: ONNX
+    Runtime fp32, fp32 with transformer fusions, int8 dynamic and int8 static (calibrated on
+    validation texts), plus TensorRT fp16/int8 engines where a CUDA device and TensorRT exist.
 
-    Scores torch fp32, ONNX fp32 and ONNX int8 on the validation split and times them at the
-    configured batch sizes. Keeps int8 only when its macro-F1 loss against torch fp32 is within
-    compression.max_f1_loss_points, else ONNX fp32, and records the numbers and the reason in the
-    Compressed Model's tuneloop.json (model.onnx + tokenizer).
+    Scores every variant and torch fp32 on the validation split and times them at the configured
+    batch sizes in one process. Keeps the fastest variant whose macro-F1 loss against torch fp32 is
+    within compression.max_f1_loss_points (ONNX fp32 when none is), and records every variant's
+    numbers and the reason in the Compressed Model's tuneloop.json (model.onnx or model.plan +
+    tokenizer).
     """
     from tuneloop import compression
     from tuneloop.config import TuneloopConfig

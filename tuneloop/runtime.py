@@ -5,8 +5,10 @@ run eagerly in torch fp32, or a Compressed Model whose ``tuneloop.json`` names i
 
 - ``onnxruntime``: ``model.onnx`` on an ONNX Runtime CPU session;
 - ``torch``: a Hugging Face checkpoint run eagerly in fp32;
-- ``tensorrt``: ``model.plan``, served by ``tuneloop.tensorrt_engine`` on an NVIDIA GPU (that module
-  exists only where TensorRT is installed; elsewhere loading fails with a clear :class:`ModelError`).
+- ``tensorrt``: ``model.plan``, served by ``tuneloop.tensorrt_engine.TensorRTClassifier`` on an NVIDIA
+  GPU. That module imports everywhere (``tensorrt`` is imported lazily); on a machine without a CUDA
+  device or without TensorRT, loading fails with a clear :class:`ModelError` ("model X needs an
+  NVIDIA GPU with TensorRT; this machine has none").
 
 Every classifier tokenises with the directory's own tokenizer, truncates to the recorded
 ``max_length`` and pads each batch dynamically (to its longest text, batches formed from texts of
@@ -245,9 +247,9 @@ def _tensorrt_classifier(directory: Path) -> Classifier:
         available = False
     if not available:
         raise ModelError(
-            f"{directory} holds a TensorRT engine (runtime 'tensorrt'), which needs an NVIDIA GPU with TensorRT "
-            f"installed (the tuneloop GPU image, `pip install tuneloop[gpu]`); this environment has no "
-            f"{TENSORRT_MODULE}. Compress with the ONNX Runtime path to run on CPU.",
+            f"model {directory} needs an NVIDIA GPU with TensorRT; this machine has none (this installation has "
+            f"no {TENSORRT_MODULE}). Serve it from the tuneloop GPU image, or compress with the ONNX Runtime "
+            f"variants to run on CPU.",
             path=str(directory),
             field="runtime",
         )

@@ -1,5 +1,6 @@
 """Loading model directories for inference: torch, ONNX Runtime, and clear errors for the rest."""
 
+import importlib.util
 import shutil
 
 import numpy as np
@@ -54,6 +55,12 @@ def onnx_dir(model_dir, tmp_path_factory):
     write_metadata(target, {"kind": "compressed_model", "runtime": "onnxruntime", "precision": "fp32",
                             "labels": ["ham", "spam"], "max_length": 32})
     return target
+
+
+def torch_has_cuda():
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def copy_with(directory, target, **metadata_changes):
@@ -112,7 +119,9 @@ def test_label_count_must_match_the_graph(onnx_dir, tmp_path):
 
 def test_tensorrt_without_gpu_is_a_clear_error(onnx_dir, tmp_path):
     engine = copy_with(onnx_dir, tmp_path / "engine", runtime="tensorrt", precision="fp16")
-    with pytest.raises(ModelError, match="needs an NVIDIA GPU with TensorRT"):
+    if importlib.util.find_spec("tensorrt") is not None and torch_has_cuda():
+        pytest.skip("this machine has a CUDA device and TensorRT")
+    with pytest.raises(ModelError, match="needs an NVIDIA GPU with TensorRT; this machine has none"):
         load_classifier(engine)
 
 
@@ -133,3 +142,15 @@ def test_thread_count(monkeypatch):
     monkeypatch.setenv("TUNELOOP_ORT_THREADS", "many")
     with pytest.raises(ModelError, match="TUNELOOP_ORT_THREADS"):
         default_threads()
+
+
+def test_tensorrt_without_its_module_is_the_same_clear_error(onnx_dir, tmp_path, monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "tuneloop.tensorrt_engine" else real_find_spec(name, *args))
+    engine = copy_with(onnx_dir, tmp_path / "engine", runtime="tensorrt", precision="int8")
+    with pytest.raises(ModelError, match="needs an NVIDIA GPU with TensorRT; this machine has none") as raised:
+        load_classifier(engine)
+    assert raised.value.field == "runtime"

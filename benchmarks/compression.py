@@ -1,0 +1,238 @@
+"""Compression benchmark: every variant the compress stage can keep, against torch fp32 eager, in one run.
+
+    .venv/bin/python benchmarks/compression.py [--rows N] [--model DIR] [--latency-rows N] [--repeats N]
+
+The model, in this order:
+
+1. ``--model DIR``: a Model directory (Hugging Face checkpoint + ``tuneloop.json`` of kind
+   ``model``); nothing is trained.
+2. otherwise the newest finished pipeline output, ``.tuneloop/pipeline_root/*/finetune/model``
+   (under the working directory, then the repository root), as ``make demo`` leaves it;
+3. otherwise a quick fine-tune of MiniLM-L6 (body and head, one epoch over 800 training rows, about a
+   minute on 2 cores) with ``tuneloop.training``, cached in ``.tuneloop/benchmarks/minilm-quick``.
+
+Texts: the SMS spam example (``examples/sms_spam/data``), split by ``tuneloop.datasets.assign_split``
+with the default shares and salt (validation 0.15, test 0.15, salt ``tuneloop``). Every variant is
+scored on the test split (``--rows`` caps it), static int8 and TensorRT int8 calibrate on
+``--calibration-rows`` validation texts, as in the compress stage. Latency is measured with the
+stage's own :func:`tuneloop.compression.measure_latencies` on the first ``--latency-rows`` test
+texts at batch 1, 8 and 32: ``--repeats`` rounds, variants interleaved within a round, median of one
+``predict_proba`` call (tokenisation included). Throughput is rows per second at that batch size.
+Speed-ups are against torch fp32 eager (``N.Nx``). The 1-minute load average before and after is
+printed: on a shared machine, other processes slow torch's spinning threads far more than ONNX
+Runtime, so a run with load above the core count says so and should be repeated.
+
+The line "kept by the compress rule" applies :func:`tuneloop.compression.choose_variant` (fastest
+within ``--budget`` macro-F1 points, latency at batch 1 and 32) to these numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from a checkout
+    sys.path.insert(0, str(REPO))
+
+import pandas as pd  # noqa: E402
+
+from tuneloop import compression, tensorrt_engine  # noqa: E402
+from tuneloop.artifacts import METADATA_FILE, read_metadata  # noqa: E402
+from tuneloop.datasets import assign_split  # noqa: E402
+from tuneloop.metrics import macro_f1  # noqa: E402
+from tuneloop.runtime import TorchClassifier, available_cpus, default_threads  # noqa: E402
+
+DATA = REPO / "examples" / "sms_spam" / "data"
+BATCH_SIZES = (1, 8, 32)
+QUICK_MODEL = Path(".tuneloop") / "benchmarks" / "minilm-quick"
+TARGETS = {"speedup_batch1": 4.0, "speedup_batch32": 2.0, "size_share": 0.30, "f1_loss_points": 1.0}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, help="a Model directory (default: latest pipeline output, else train)")
+    parser.add_argument("--rows", type=int, default=None, help="test rows scored (default: the whole test split)")
+    parser.add_argument("--latency-rows", type=int, default=64, help="test texts in the latency sample")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds")
+    parser.add_argument("--calibration-rows", type=int, default=100, help="validation texts for int8 calibration")
+    parser.add_argument("--budget", type=float, default=1.0, help="macro-F1 points a kept variant may lose")
+    args = parser.parse_args(argv)
+
+    frame = _dataset()
+    model_dir, origin = _model(args.model, frame)
+    metadata = read_metadata(model_dir)
+    labels = [str(label) for label in metadata["labels"]]
+    max_length = int(metadata.get("max_length") or 128)
+    test = frame[frame["split"] == "test"]
+    if args.rows:
+        test = test.head(args.rows)
+    texts, truth = test["text"].fillna("").astype(str).tolist(), test["label"].astype(str).tolist()
+    validation = frame[frame["split"] == "validation"]["text"].fillna("").astype(str).tolist()
+    calibration_texts, _ = compression.calibration_sample(validation, args.calibration_rows)
+
+    print(_machine())
+    load_before = _load()
+    print(f"model: {model_dir} ({origin}; {metadata.get('base_model', '?')}, max_length {max_length})")
+    print(f"texts: {len(texts)} SMS spam test rows scored; latency on the first {min(args.latency_rows, len(texts))} "
+          f"at batch {', '.join(map(str, BATCH_SIZES))}, {args.repeats} interleaved rounds; "
+          f"{len(calibration_texts)} validation rows calibrate int8")
+
+    with tempfile.TemporaryDirectory(prefix="tuneloop-bench-") as scratch:
+        work = Path(scratch)
+        torch_model = TorchClassifier(model_dir, labels=labels, max_length=max_length)
+        torch_model.tokenizer.save_pretrained(work)
+        started = time.perf_counter()
+        exporter = compression.export_onnx(torch_model, work / compression.FP32_FILE, opset=17)
+        names = [*compression.CPU_VARIANTS, *compression.TENSORRT_VARIANTS]
+        candidates, skipped = compression.build_candidates(torch_model, work, names, calibration_texts,
+                                                           exporter=exporter)
+        print(f"built {len(candidates)} variants in {time.perf_counter() - started:.0f}s"
+              + (f"; skipped: {', '.join(f'{n} ({why})' for n, why in skipped.items())}" if skipped else ""))
+
+        classifiers = {compression.TORCH_FP32: torch_model}
+        sizes = {compression.TORCH_FP32: compression.checkpoint_size(model_dir)}
+        for name, candidate in candidates.items():
+            classifiers[name] = compression.load_candidate(candidate, work, labels=labels, max_length=max_length)
+            sizes[name] = (work / candidate.file).stat().st_size
+        predictions = {name: classifier.predict(texts, batch_size=compression.SCORING_BATCH_SIZE)
+                       for name, classifier in classifiers.items()}
+        latencies = compression.measure_latencies(classifiers, texts[: args.latency_rows], BATCH_SIZES, args.repeats)
+
+    reference = predictions[compression.TORCH_FP32]
+    results = {
+        name: {
+            "macro_f1": macro_f1(truth, predicted, labels),
+            "agreement_with_fp32": sum(a == b for a, b in zip(predicted, reference)) / max(len(reference), 1),
+            "latency_ms": latencies[name],
+            "size_bytes": sizes[name],
+        }
+        for name, predicted in predictions.items()
+    }
+    print()
+    print(_table(results))
+    selection = compression.choose_variant(results, max_loss_points=args.budget, batch_sizes=[1, 32])
+    print()
+    print(f"kept by the compress rule (budget {args.budget:g} points, batch 1 and 32): {selection.chosen}")
+    print(_verdict(results, selection.chosen))
+    load_after = _load()
+    if load_before is not None and load_after is not None:
+        print(f"load average (1 min): {load_before:.2f} before, {load_after:.2f} after, on {os.cpu_count()} cores")
+        cores = os.cpu_count() or 1
+        if load_before > cores or load_after > cores + 1:  # the benchmark itself keeps about `cores` busy
+            print("warning: other processes competed for the cores; torch eager suffers most from that (its "
+                  "threads spin), so speed-ups against it are inflated. Rerun on a quiet machine.")
+    return 0
+
+
+def _load() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def _dataset() -> pd.DataFrame:
+    texts, labels = pd.read_parquet(DATA / "texts.parquet"), pd.read_parquet(DATA / "labels.parquet")
+    frame = texts.merge(labels[["id", "label"]], on="id")
+    frame["split"] = [assign_split(str(key), validation=0.15, test=0.15, salt="tuneloop") for key in frame["id"]]
+    return frame
+
+
+def _model(explicit: Path | None, frame: pd.DataFrame) -> tuple[Path, str]:
+    if explicit is not None:
+        if read_metadata(explicit).get("kind") != "model":
+            raise SystemExit(f"{explicit} is not a Model directory (tuneloop.json kind 'model')")
+        return explicit, "--model"
+    outputs = [path for root in dict.fromkeys([Path.cwd(), REPO])
+               for path in (root / ".tuneloop" / "pipeline_root").glob("*/finetune/model")
+               if (path / METADATA_FILE).is_file() and list(path.glob("*.safetensors"))]
+    if outputs:
+        newest = max(outputs, key=lambda path: (path / METADATA_FILE).stat().st_mtime)
+        return newest, "the newest pipeline output"
+    if (QUICK_MODEL / METADATA_FILE).is_file():
+        return QUICK_MODEL, "cached quick fine-tune"
+    return _quick_finetune(frame), "quick fine-tune, one epoch over 800 training rows"
+
+
+def _quick_finetune(frame: pd.DataFrame) -> Path:
+    from tuneloop import training
+    from tuneloop.config import parse_config
+
+    print(f"no Model directory given or found: fine-tuning MiniLM-L6 briefly into {QUICK_MODEL}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="tuneloop-bench-data-") as scratch:
+        dataset = Path(scratch) / "dataset.parquet"
+        frame.to_parquet(dataset, index=False)
+        config = parse_config({
+            "name": "benchmark", "state_dir": str(Path(scratch) / "state"),
+            "data": {"texts": str(DATA / "texts.parquet"), "labels": str(DATA / "labels.parquet"),
+                     "classes": ["ham", "spam"]},
+            "training": {"epochs": 1, "max_train_rows": 800, "batch_size": 16, "learning_rate": 1e-4,
+                         "max_length": 128},
+        }, source="benchmark")
+        training.run(config, dataset, QUICK_MODEL)
+    return QUICK_MODEL
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import onnxruntime
+    import torch
+
+    gpu = tensorrt_engine.unavailable_reason()
+    gpu_text = f"GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "no GPU"
+    if gpu is None:
+        gpu_text += f", TensorRT {tensorrt_engine.environment()['version']}"
+    return (f"machine: {cpu}, {os.cpu_count()} cores ({available_cpus()} usable; ONNX Runtime {default_threads()} "
+            f"threads, torch {torch.get_num_threads()}), {gpu_text}; torch {torch.__version__}, "
+            f"onnxruntime {onnxruntime.__version__}, Python {platform.python_version()}")
+
+
+def _table(results: dict[str, dict]) -> str:
+    reference = results[compression.TORCH_FP32]
+    header = (f"{'variant':<18} {'batch':>5} {'latency ms':>10} {'rows/s':>8} {'vs torch':>8} {'size MB':>8} "
+              f"{'size':>5} {'macro-F1':>8} {'dF1 pts':>7} {'agree':>6}")
+    lines = [header, "-" * len(header)]
+    for name, result in results.items():
+        for batch in BATCH_SIZES:
+            ms = result["latency_ms"][batch]
+            lines.append(
+                f"{name:<18} {batch:>5} {ms:>10.2f} {batch / ms * 1000:>8.0f} "
+                f"{reference['latency_ms'][batch] / ms:>7.1f}x {result['size_bytes'] / 1e6:>8.1f} "
+                f"{result['size_bytes'] / reference['size_bytes']:>5.0%} {result['macro_f1']:>8.4f} "
+                f"{100 * (result['macro_f1'] - reference['macro_f1']):>+7.2f} {result['agreement_with_fp32']:>6.3f}"
+            )
+    return "\n".join(lines)
+
+
+def _verdict(results: dict[str, dict], chosen: str) -> str:
+    reference, kept = results[compression.TORCH_FP32], results[chosen]
+    checks = [
+        ("batch-1 speed-up", reference["latency_ms"][1] / kept["latency_ms"][1], TARGETS["speedup_batch1"], ">=", "x"),
+        ("batch-32 speed-up", reference["latency_ms"][32] / kept["latency_ms"][32], TARGETS["speedup_batch32"], ">=",
+         "x"),
+        ("size share of fp32", kept["size_bytes"] / reference["size_bytes"], TARGETS["size_share"], "<=", ""),
+        ("macro-F1 points lost", 100 * (reference["macro_f1"] - kept["macro_f1"]), TARGETS["f1_loss_points"], "<=",
+         ""),
+    ]
+    lines = []
+    for label, value, target, op, unit in checks:
+        met = value >= target if op == ">=" else value <= target
+        lines.append(f"  {label:<22} {value:6.2f}{unit:<1}  target {op} {target:g}{unit}  {'met' if met else 'MISSED'}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
