@@ -66,7 +66,7 @@ def _compression_lines(run: LocalRun) -> list[str]:
         size_mb = variant.get("size_bytes", 0) / 1e6
         f1 = variant.get("macro_f1")
         f1_text = f", validation macro-F1 {f1:.4f}" if isinstance(f1, (int, float)) else ""
-        lines.append(f"  {name:<12} {size_mb:7.1f} MB, {latency}{f1_text}")
+        lines.append(f"  {name:<18} {size_mb:7.1f} MB, {latency}{f1_text}")
     return lines
 
 
