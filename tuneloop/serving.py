@@ -1,0 +1,998 @@
+"""Serving logic behind the BentoML service in ``serving/service.py``: everything but the decorators.
+
+- Request and response models (:class:`PredictRequest`, :class:`Prediction`, :class:`FeedbackRequest`,
+  :class:`FeedbackResponse`) and the input limits of ``deployment`` (:class:`RequestLimits`).
+- :class:`RequestGuard`, the ASGI middleware in front of the API: optional API key, body size, JSON
+  and schema checks. Every problem with a request's content ends in a 4xx with a message that says
+  what was wrong (400 unreadable body, 401 key, 413 body too large, 415 media type, 422 content);
+  nothing a client sends can reach the model in a shape that makes it fail with a 5xx.
+- :func:`fetch_model`: a registry version (the ``champion`` alias by default) downloaded once into
+  ``<state_dir>/serving/models/<model>/<version>``.
+- :class:`ServingRuntime`: the loaded model, prediction, feedback and the prediction log.
+- :class:`ParquetLogWriter`: buffered Parquet writes off the request path (a thread and a queue).
+
+Prediction log (``deployment.prediction_log_uri``, an fsspec URI, default ``<state_dir>/predictions``):
+one Parquet file per flush, named ``predictions-<UTC time>-<pid>-<seq>-<random>.parquet``, each row
+``request_id, timestamp (UTC), model_version, text, <text_statistics features>, predicted_label,
+confidence, probability_<label>...``. Feedback rows (``request_id, timestamp, label, model_version,
+predicted_label``) go to ``<uri>/feedback/``. Read them with :func:`read_prediction_log` and
+:func:`read_feedback` (a recursive reader of ``<uri>`` would mix the two). A flush happens every
+``log_flush_records`` records, every ``log_flush_seconds`` seconds and on shutdown, so a clean stop
+loses nothing and a crash (SIGKILL, OOM) loses at most the records of the last ``log_flush_seconds``
+(and fewer than ``log_flush_records``). When the store is unreachable, records wait in memory up to
+``log_max_buffered``; beyond that new records are dropped and counted
+(``tuneloop_prediction_log_dropped_total``), never failing a request.
+
+Each served text gets its own ``request_id``; ``POST /feedback`` takes one of them and the true
+label. Ids are looked up among the most recent predictions of this process, then in the flushed log.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import functools
+import hmac
+import itertools
+import logging
+import os
+import queue
+import re
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, ValidationInfo, field_validator
+
+from tuneloop.config import TuneloopConfig, load_config, resolve_config_paths
+from tuneloop.errors import ModelError, RegistryError, TuneloopError
+
+logger = logging.getLogger("tuneloop.serving")
+
+STAGE = "serving"
+CONFIG_ENV = "TUNELOOP_CONFIG"
+VERSION_ENV = "TUNELOOP_MODEL_VERSION"
+MODEL_DIR_ENV = "TUNELOOP_MODEL_DIR"
+"""A local (Compressed) Model directory to serve instead of a registry version (tests, benchmarks,
+images with a baked-in model); its version label is ``$TUNELOOP_MODEL_VERSION`` or ``local``."""
+LOG_URI_ENV = "TUNELOOP_PREDICTION_LOG_DIR"
+"""Overrides ``deployment.prediction_log_uri`` (any fsspec URI), e.g. a volume in a pod."""
+MODEL_CACHE_ENV = "TUNELOOP_MODEL_CACHE_DIR"
+"""Where downloaded model versions are kept (default ``$XDG_CACHE_HOME/tuneloop/models``, else
+``<state_dir>/serving/models``)."""
+DEFAULT_CONFIG = "tuneloop.yaml"
+WORKDIR_ENV = "TUNELOOP_WORKDIR"
+"""The directory a relative ``$TUNELOOP_CONFIG``, ``state_dir`` and log path are taken against.
+``bentoml serve serving/`` runs its workers inside ``serving/``, so the default is ``$PWD`` (the
+directory the server was started from, as the shell recorded it) before the worker's own directory;
+``tuneloop serve`` sets it explicitly."""
+API_KEY_HEADER = "X-API-Key"
+OPEN_PATHS = frozenset({"/livez", "/healthz", "/readyz", "/metrics"})
+"""Probe and metrics paths, reachable without the API key."""
+PREDICT_PATH = "/predict"
+FEEDBACK_PATH = "/feedback"
+FEEDBACK_DIR = "feedback"
+PREDICTIONS_PREFIX = "predictions"
+FEEDBACK_PREFIX = "feedback"
+INFERENCE_BATCH_SIZE = 8
+"""Texts per forward pass inside one adaptive batch (sorted by length, so padding stays short)."""
+RECENT_IDS = 100_000
+"""Request ids remembered in memory for feedback; older ones are looked up in the flushed log."""
+WARMUP_TEXT = "tuneloop warm-up"
+PROBABILITY_PREFIX = "probability_"
+_COMPLETE_MARKER = ".tuneloop-complete"
+
+
+# --------------------------------------------------------------------------------------------
+# Request and response models
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Input limits of one request, from ``deployment``."""
+
+    max_text_chars: int = 5000
+    max_batch_items: int = 64
+    max_body_bytes: int = 1_048_576
+
+    @classmethod
+    def from_config(cls, config: TuneloopConfig) -> "RequestLimits":
+        deployment = config.deployment
+        return cls(deployment.max_text_chars, deployment.max_batch_items, deployment.max_body_bytes)
+
+
+class PredictRequest(BaseModel):
+    """``POST /predict``: ``{"texts": ["...", ...]}``, one to ``deployment.max_batch_items`` non-empty
+    texts of at most ``deployment.max_text_chars`` characters each."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    texts: list[StrictStr] = Field(min_length=1, description="The texts to classify, one result each.")
+
+    @field_validator("texts")
+    @classmethod
+    def _within_limits(cls, texts: list[str], info: ValidationInfo) -> list[str]:
+        for index, text in enumerate(texts):
+            if not text.strip():
+                raise ValueError(f"text {index} is empty (or only whitespace)")
+        limits = (info.context or {}).get("limits")
+        if limits is not None:
+            if len(texts) > limits.max_batch_items:
+                raise ValueError(
+                    f"{len(texts)} texts in one request, more than the limit of {limits.max_batch_items} "
+                    f"(deployment.max_batch_items)"
+                )
+            for index, text in enumerate(texts):
+                if len(text) > limits.max_text_chars:
+                    raise ValueError(
+                        f"text {index} has {len(text)} characters, more than the limit of "
+                        f"{limits.max_text_chars} (deployment.max_text_chars)"
+                    )
+        return texts
+
+
+class Prediction(BaseModel):
+    """The result for one text."""
+
+    request_id: str = Field(description="Id of this prediction; send it with the true label to /feedback.")
+    label: str = Field(description="The most probable label.")
+    confidence: float = Field(description="Probability of that label.")
+    probabilities: dict[str, float] = Field(description="Probability of every label; they sum to 1.")
+    model_version: str = Field(description="Registry version of the model that answered.")
+
+
+class FeedbackRequest(BaseModel):
+    """``POST /feedback``: the true label of an earlier prediction."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: StrictStr = Field(min_length=1, max_length=128)
+    label: StrictStr = Field(min_length=1, max_length=256)
+
+
+class FeedbackResponse(BaseModel):
+    """What ``/feedback`` recorded."""
+
+    request_id: str
+    label: str
+    predicted_label: str | None = None
+    model_version: str | None = None
+    recorded: bool = True
+
+
+class FeedbackError(TuneloopError):
+    """Feedback that cannot be recorded; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, *, status: int, **context: Any) -> None:
+        super().__init__(message, stage=STAGE, **context)
+        self.status = status
+
+
+# --------------------------------------------------------------------------------------------
+# The ASGI guard
+
+
+@dataclass(frozen=True)
+class RequestPolicy:
+    """What the guard enforces: limits, and the API key when one is configured."""
+
+    limits: RequestLimits
+    api_key: str | None = None
+
+
+REQUEST_MODELS: dict[str, type[BaseModel]] = {PREDICT_PATH: PredictRequest, FEEDBACK_PATH: FeedbackRequest}
+
+
+class RequestGuard:
+    """ASGI middleware: API key, body size, JSON and schema of ``/predict`` and ``/feedback`` bodies.
+
+    Args:
+        app: the wrapped ASGI app.
+        policy: returns the current :class:`RequestPolicy`, or None while the service is not loaded
+            (then only probe paths answer; everything else gets 503).
+        models: request model of each POST path that the guard validates.
+    """
+
+    def __init__(
+        self,
+        app: Callable,
+        policy: Callable[[], RequestPolicy | None],
+        models: Mapping[str, type[BaseModel]] | None = None,
+    ) -> None:
+        self.app = app
+        self.policy = policy
+        self.models = dict(REQUEST_MODELS if models is None else models)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        if path in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        policy = self.policy()
+        if policy is None:
+            await _error(scope, receive, send, 503, "the model is not loaded yet; retry when /readyz answers 200")
+            return
+        if policy.api_key and not _key_matches(scope, policy.api_key):
+            await _error(scope, receive, send, 401, f"missing or wrong {API_KEY_HEADER} header",
+                         headers={"WWW-Authenticate": API_KEY_HEADER})
+            return
+        model = self.models.get(path) if scope.get("method") == "POST" else None
+        if model is None:
+            await self.app(scope, receive, send)
+            return
+        await self._validated(scope, receive, send, model, policy.limits)
+
+    async def _validated(self, scope, receive, send, model: type[BaseModel], limits: RequestLimits) -> None:
+        headers = _headers(scope)
+        media_type = headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type.startswith("multipart/"):
+            await _error(scope, receive, send, 415, f"send a JSON body (Content-Type: application/json), not "
+                                                    f"{media_type!r}")
+            return
+        declared = headers.get("content-length")
+        if declared is not None:
+            if not declared.strip().isdigit():
+                await _error(scope, receive, send, 400, f"invalid Content-Length header {declared!r}")
+                return
+            if int(declared) > limits.max_body_bytes:
+                await _error(scope, receive, send, 413, _too_large(int(declared), limits))
+                return
+        body = bytearray()
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if len(body) > limits.max_body_bytes:
+                await _error(scope, receive, send, 413, _too_large(len(body), limits))
+                return
+            more = message.get("more_body", False)
+        if not bytes(body).strip():
+            await _error(scope, receive, send, 400, f"empty request body: send JSON like {_example(model)}")
+            return
+        try:
+            model.model_validate_json(bytes(body), context={"limits": limits})
+        except ValidationError as error:
+            status, message = _describe(error, model)
+            await _error(scope, receive, send, status, message, detail=_details(error))
+            return
+        await self.app(_json_scope(scope, len(body)), _replay(bytes(body), receive), send)
+
+
+def _headers(scope) -> dict[str, str]:
+    return {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope.get("headers", [])}
+
+
+def _key_matches(scope, expected: str) -> bool:
+    given = _headers(scope).get(API_KEY_HEADER.lower(), "")
+    return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
+
+
+def _too_large(size: int, limits: RequestLimits) -> str:
+    return (f"request body of {size} bytes is larger than the limit of {limits.max_body_bytes} bytes "
+            f"(deployment.max_body_bytes)")
+
+
+def _example(model: type[BaseModel]) -> str:
+    if model is FeedbackRequest:
+        return '{"request_id": "...", "label": "..."}'
+    return '{"texts": ["..."]}'
+
+
+def _describe(error: ValidationError, model: type[BaseModel]) -> tuple[int, str]:
+    problems = error.errors(include_url=False, include_context=False, include_input=False)
+    if any(problem["type"] == "json_invalid" for problem in problems):
+        return 400, f"request body is not valid JSON ({problems[0]['msg']}); send JSON like {_example(model)}"
+    lines = []
+    for problem in problems:
+        location = ".".join(str(part) for part in problem["loc"]) or "body"
+        message = str(problem["msg"]).removeprefix("Value error, ")
+        if problem["type"] == "extra_forbidden":
+            message = "unknown field"
+        elif problem["type"] == "too_short" and location == "texts":
+            message = "the list is empty; send at least one text"
+        elif problem["type"] == "model_type":
+            message = f"expected a JSON object like {_example(model)}"
+        lines.append(f"{location}: {message}")
+    return 422, "invalid request: " + "; ".join(lines)
+
+
+def _details(error: ValidationError) -> list[dict[str, Any]]:
+    return [
+        {"loc": [str(part) for part in problem["loc"]], "type": problem["type"],
+         "msg": str(problem["msg"]).removeprefix("Value error, ")}
+        for problem in error.errors(include_url=False, include_context=False, include_input=False)
+    ]
+
+
+async def _error(scope, receive, send, status: int, message: str, *, detail: list | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+    from starlette.responses import JSONResponse
+
+    content: dict[str, Any] = {"error": message}
+    if detail:
+        content["detail"] = detail
+    await JSONResponse(content, status_code=status, headers=headers)(scope, receive, send)
+
+
+def _json_scope(scope, length: int):
+    headers = [(key, value) for key, value in scope.get("headers", [])
+               if key.lower() not in (b"content-type", b"content-length")]
+    headers += [(b"content-type", b"application/json"), (b"content-length", str(length).encode())]
+    return {**scope, "headers": headers}
+
+
+def _replay(body: bytes, receive):
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+# --------------------------------------------------------------------------------------------
+# Prediction log
+
+
+class _Flush:
+    def __init__(self) -> None:
+        self.done = threading.Event()
+
+
+class _Stop(_Flush):
+    pass
+
+
+class ParquetLogWriter:
+    """Append records as Parquet files under an fsspec URI, buffered off the caller's thread.
+
+    :meth:`write` only puts records on a queue; a daemon thread collects them and writes one file
+    every ``flush_records`` records or ``flush_seconds`` seconds (whichever comes first), on
+    :meth:`flush`, and on :meth:`close` (also registered with ``atexit``). A failed write keeps the
+    records and retries after ``flush_seconds``; at most ``max_buffered`` records wait, beyond that
+    :meth:`write` drops new ones and counts them in :attr:`dropped`.
+
+    Args:
+        uri: folder URI (local path, ``file://``, ``s3://``, ``gs://``, ``memory://``...).
+        prefix: file name prefix.
+        transform: turns the buffered records into the DataFrame to write (in the writer thread).
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        prefix: str,
+        flush_records: int = 1000,
+        flush_seconds: float = 5.0,
+        max_buffered: int = 100_000,
+        transform: Callable[[list[dict[str, Any]]], Any] | None = None,
+        on_drop: Callable[[int], None] | None = None,
+    ) -> None:
+        import fsspec
+
+        self.uri = uri
+        self.fs, self.root = fsspec.core.url_to_fs(uri)
+        self.prefix = prefix
+        self.flush_records = int(flush_records)
+        self.flush_seconds = float(flush_seconds)
+        self.max_buffered = int(max_buffered)
+        self.transform = transform or _plain_frame
+        self.on_drop = on_drop
+        self.written = 0
+        self.dropped = 0
+        self.files: list[str] = []
+        self._local = _is_local(self.fs)
+        self._pending = 0
+        self._closed = False
+        self._lock = threading.Lock()
+        self._sequence = itertools.count()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        try:
+            self.fs.makedirs(self.root, exist_ok=True)
+        except Exception as error:  # fsspec backends raise their own types
+            raise TuneloopError(f"cannot create the log folder {uri}: {error}", stage=STAGE, path=uri) from error
+        self._thread = threading.Thread(target=self._run, name=f"tuneloop-{prefix}-log", daemon=True)
+        self._thread.start()
+        atexit.register(self.close)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._closed
+
+    def write(self, records: list[dict[str, Any]]) -> bool:
+        """Queue records for the next file; False (and counted as dropped) when the buffer is full or
+        the writer is closed."""
+        if not records:
+            return True
+        with self._lock:
+            if self._closed or self._pending + len(records) > self.max_buffered:
+                self.dropped += len(records)
+                reason = "closed" if self._closed else f"{self._pending} records already waiting"
+                logger.warning("prediction log %s: dropped %d records (%s)", self.uri, len(records), reason)
+                if self.on_drop is not None:
+                    self.on_drop(len(records))
+                return False
+            self._pending += len(records)
+        self._queue.put(records)
+        return True
+
+    def flush(self, timeout: float | None = 30.0) -> bool:
+        """Write everything queued so far; True when done within ``timeout``."""
+        if not self._thread.is_alive():
+            return self._pending == 0
+        marker = _Flush()
+        self._queue.put(marker)
+        return marker.done.wait(timeout) and self._pending == 0
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Flush and stop the writer thread (idempotent)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        marker = _Stop()
+        self._queue.put(marker)
+        self._thread.join(timeout)
+        if self._pending:
+            logger.error("prediction log %s: %d records could not be written before shutdown",
+                         self.uri, self._pending)
+        try:
+            atexit.unregister(self.close)
+        except Exception:  # pragma: no cover - atexit.unregister never raises in CPython
+            pass
+
+    def _run(self) -> None:
+        buffer: list[dict[str, Any]] = []
+        deadline: float | None = None
+        while True:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                item = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                item = None
+            if isinstance(item, list):
+                buffer.extend(item)
+                if deadline is None:
+                    deadline = time.monotonic() + self.flush_seconds
+                if len(buffer) < self.flush_records:
+                    continue
+            if buffer:
+                if self._write(buffer):
+                    buffer = []
+                    deadline = None
+                else:
+                    deadline = time.monotonic() + self.flush_seconds
+            if isinstance(item, _Flush):
+                item.done.set()
+                if isinstance(item, _Stop):
+                    return
+
+    def _write(self, records: list[dict[str, Any]]) -> bool:
+        try:
+            frame = self.transform(records)
+            name = (f"{self.prefix}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%fZ}-{os.getpid()}-"
+                    f"{next(self._sequence):06d}-{uuid.uuid4().hex[:8]}.parquet")
+            path = f"{self.root.rstrip('/')}/{name}"
+            _write_parquet(self.fs, frame, path, atomic=self._local)
+        except Exception:
+            logger.exception("prediction log %s: writing %d records failed; retrying in %.1fs",
+                             self.uri, len(records), self.flush_seconds)
+            return False
+        with self._lock:
+            self._pending -= len(records)
+            self.written += len(records)
+        self.files.append(path)
+        return True
+
+
+def _is_local(fs) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return "file" in protocol or "local" in protocol
+
+
+def _plain_frame(records: list[dict[str, Any]]):
+    import pandas as pd
+
+    return pd.DataFrame.from_records(records)
+
+
+def _write_parquet(fs, frame, path: str, *, atomic: bool) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    if not atomic:  # object stores publish a file only when its upload completes
+        with fs.open(path, "wb") as handle:
+            pq.write_table(table, handle)
+        return
+    directory, name = path.rsplit("/", 1)
+    temporary = f"{directory}/.{name}.tmp"
+    with fs.open(temporary, "wb") as handle:
+        pq.write_table(table, handle)
+    fs.mv(temporary, path)
+
+
+def prediction_log_uri(config: TuneloopConfig, environ: Mapping[str, str] | None = None) -> str:
+    """The prediction log folder: ``$TUNELOOP_PREDICTION_LOG_DIR``, else ``deployment.prediction_log_uri``,
+    else ``<state_dir>/predictions`` (a relative local path is taken against the working directory)."""
+    environ = os.environ if environ is None else environ
+    uri = (environ.get(LOG_URI_ENV) or "").strip() or config.deployment.prediction_log_uri \
+        or str(Path(config.state_dir) / "predictions")
+    if "://" not in uri:
+        uri = str(Path(uri).resolve())
+    return uri.rstrip("/")
+
+
+def feedback_log_uri(config_or_uri: TuneloopConfig | str) -> str:
+    """``<prediction log>/feedback``."""
+    base = config_or_uri if isinstance(config_or_uri, str) else prediction_log_uri(config_or_uri)
+    return f"{base.rstrip('/')}/{FEEDBACK_DIR}"
+
+
+def log_files(uri: str, prefix: str = PREDICTIONS_PREFIX) -> list[str]:
+    """The finished Parquet files directly under ``uri`` whose names start with ``prefix``, oldest first."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(uri)
+    if not fs.exists(root):
+        return []
+    names = [entry for entry in fs.ls(root, detail=False)
+             if entry.rsplit("/", 1)[-1].startswith(f"{prefix}-") and entry.endswith(".parquet")]
+    return sorted(names, key=lambda entry: entry.rsplit("/", 1)[-1])
+
+
+def read_prediction_log(uri: str, columns: Sequence[str] | None = None):
+    """Every flushed prediction record under ``uri`` as one DataFrame (empty when there are none)."""
+    return _read_files(uri, PREDICTIONS_PREFIX, columns)
+
+
+def read_feedback(uri: str):
+    """Every flushed feedback record (``uri`` is the prediction log folder)."""
+    return _read_files(feedback_log_uri(uri), FEEDBACK_PREFIX, None)
+
+
+def _read_files(uri: str, prefix: str, columns: Sequence[str] | None):
+    import fsspec
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    fs, _ = fsspec.core.url_to_fs(uri)
+    frames = []
+    for path in log_files(uri, prefix):
+        with fs.open(path, "rb") as handle:
+            frames.append(pq.read_table(handle, columns=list(columns) if columns else None).to_pandas())
+    if not frames:
+        return pd.DataFrame(columns=list(columns) if columns else None)
+    return pd.concat(frames, ignore_index=True)
+
+
+def find_logged_prediction(uri: str, request_id: str) -> dict[str, Any] | None:
+    """The logged prediction with this id (model_version, predicted_label), or None."""
+    import fsspec
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    fs, _ = fsspec.core.url_to_fs(uri)
+    for path in reversed(log_files(uri)):
+        with fs.open(path, "rb") as handle:
+            table = pq.read_table(handle, columns=["request_id", "model_version", "predicted_label"])
+        rows = table.filter(pc.equal(table["request_id"], request_id))
+        if rows.num_rows:
+            return rows.slice(0, 1).to_pylist()[0]
+    return None
+
+
+def with_text_features(records: list[dict[str, Any]]):
+    """The prediction records as a DataFrame with the text-statistics features after ``text``
+    (computed by :func:`tuneloop.features.text_statistics`, the implementation training uses)."""
+    import pandas as pd
+
+    from tuneloop.features import text_statistics
+
+    frame = pd.DataFrame.from_records(records)
+    frame["timestamp"] = pd.to_datetime(frame["timestamp"], utc=True)
+    features = text_statistics(frame["text"])
+    position = list(frame.columns).index("text") + 1
+    head, tail = frame.iloc[:, :position], frame.iloc[:, position:]
+    return pd.concat([head, features.reset_index(drop=True), tail], axis=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Model loading
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to serve: its registry version, local directory and classifier."""
+
+    version: str
+    directory: Path
+    classifier: Any
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.classifier.labels)
+
+    @property
+    def runtime(self) -> str:
+        return getattr(self.classifier, "runtime", type(self.classifier).__name__)
+
+
+def model_cache_dir(config: TuneloopConfig, environ: Mapping[str, str] | None = None) -> Path:
+    """Where downloaded registry versions are kept, per model name: ``$TUNELOOP_MODEL_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/tuneloop/models`` (a pod with a read-only root file system sets it to a volume),
+    else ``<state_dir>/serving/models``."""
+    environ = os.environ if environ is None else environ
+    if environ.get(MODEL_CACHE_ENV):
+        root = Path(environ[MODEL_CACHE_ENV])
+    elif environ.get("XDG_CACHE_HOME"):
+        root = Path(environ["XDG_CACHE_HOME"]) / "tuneloop" / "models"
+    else:
+        root = Path(config.state_dir) / "serving" / "models"
+    return root / _safe_name(config.registry.model_name)
+
+
+def fetch_model(config: TuneloopConfig, version: str | None = None) -> tuple[str, Path]:
+    """Resolve ``version`` (None: the ``champion`` alias) and download it once into the cache.
+
+    Returns:
+        the version and the local Compressed Model directory.
+
+    Raises:
+        RegistryError: no champion, an unknown or malformed version, or the download failed.
+    """
+    from tuneloop import registry
+
+    name = config.registry.model_name
+    if version is None:
+        version = registry.alias_version(config, registry.CHAMPION)
+        if version is None:
+            raise RegistryError(
+                f"cannot start: model {name!r} has no {registry.CHAMPION!r} alias in the registry at "
+                f"{registry._safe_uri(config)}; register a model first (tuneloop run --local) or pin a version "
+                f"with ${VERSION_ENV} or deployment.model_version",
+                stage=STAGE, field="deployment.model_version",
+            )
+    version = str(version).strip()
+    source = model_version_source(config, version)
+    target = model_cache_dir(config) / version
+    if (target / _COMPLETE_MARKER).is_file():
+        return version, target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f".download-{version}-", dir=target.parent))
+    except OSError as error:
+        raise RegistryError(f"cannot start: the model cache {target.parent} is not writable ({error}); set "
+                            f"${MODEL_CACHE_ENV} to a writable folder", stage=STAGE, path=str(target.parent),
+                            field=MODEL_CACHE_ENV) from error
+    try:
+        from mlflow.artifacts import download_artifacts
+
+        local = Path(download_artifacts(artifact_uri=source, dst_path=str(scratch), tracking_uri=config.tracking_uri))
+        (local / _COMPLETE_MARKER).write_text(source, encoding="utf-8")
+        try:
+            local.rename(target)
+        except OSError:
+            if not (target / _COMPLETE_MARKER).is_file():  # not another worker finishing first
+                shutil.rmtree(target, ignore_errors=True)
+                local.rename(target)
+    except RegistryError:
+        raise
+    except Exception as error:
+        raise RegistryError(f"cannot start: downloading version {version} of {name!r} failed: {error}",
+                            stage=STAGE) from error
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return version, target
+
+
+def model_version_source(config: TuneloopConfig, version: str) -> str:
+    """The artifact URI of a registered version.
+
+    Raises:
+        RegistryError: the version is not a number or does not exist (naming the ones that do).
+    """
+    from mlflow.exceptions import MlflowException
+
+    from tuneloop import registry
+
+    name = config.registry.model_name
+    if not re.fullmatch(r"[0-9]+", str(version)):
+        raise RegistryError(f"model version {version!r} is not a registry version number", stage=STAGE,
+                            field=VERSION_ENV)
+    try:
+        return registry.client(config).get_model_version(name, str(version)).source
+    except MlflowException as error:
+        if "RESOURCE_DOES_NOT_EXIST" not in str(error.error_code):
+            raise RegistryError(f"registry unreachable at {registry._safe_uri(config)}: {error}",
+                                stage=STAGE) from error
+    known = [row["version"] for row in registry.list_versions(config)]
+    raise RegistryError(
+        f"model version {version} of {name!r} does not exist in the registry at {registry._safe_uri(config)} "
+        f"(registered versions: {', '.join(reversed(known)) or 'none'})",
+        stage=STAGE, field="deployment.model_version",
+    )
+
+
+def load_model(directory: str | Path, version: str) -> LoadedModel:
+    """Load a (Compressed) Model directory and prove it predicts; a broken artifact fails here.
+
+    Raises:
+        ModelError: the artifact is missing, corrupt, or cannot run on this machine.
+    """
+    from tuneloop.runtime import load_classifier
+
+    directory = Path(directory)
+    try:
+        with _serving_threads():
+            classifier = load_classifier(directory)
+        probabilities = classifier.predict_proba([WARMUP_TEXT], batch_size=1)
+    except ModelError as error:
+        raise ModelError(f"cannot start: model version {version} is unusable: {error.message}",
+                         stage=STAGE, path=error.path or str(directory), field=error.field) from error
+    except Exception as error:
+        raise ModelError(f"cannot start: model version {version} in {directory} failed a test prediction: "
+                         f"{type(error).__name__}: {error}", stage=STAGE, path=str(directory)) from error
+    import numpy as np
+
+    if probabilities.shape != (1, len(classifier.labels)) or not np.all(np.isfinite(probabilities)):
+        raise ModelError(f"cannot start: model version {version} in {directory} returns invalid probabilities "
+                         f"{probabilities.tolist()}", stage=STAGE, path=str(directory))
+    return LoadedModel(version=str(version), directory=directory, classifier=classifier)
+
+
+@contextlib.contextmanager
+def _serving_threads():
+    """ONNX Runtime threads while loading for serving: ``$TUNELOOP_ORT_THREADS`` when set, else one
+    fewer than the CPUs this process may use (at least one), leaving a core to the HTTP event loop.
+    Measured on 2 CPUs: one ORT thread served more requests per second than two, whose spinning
+    competed with the event loop."""
+    from tuneloop.runtime import THREADS_ENV, available_cpus
+
+    if os.environ.get(THREADS_ENV, "").strip():
+        yield
+        return
+    with _ENV_LOCK:
+        os.environ[THREADS_ENV] = str(max(1, available_cpus() - 1))
+        try:
+            yield
+        finally:
+            os.environ.pop(THREADS_ENV, None)
+
+
+_ENV_LOCK = threading.Lock()
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+
+
+@functools.cache
+def _metrics():
+    """Prometheus metrics of this process, created on first use (after BentoML has set up the
+    multiprocess directory, which it does after importing the service module)."""
+    import prometheus_client
+
+    predictions = prometheus_client.Counter(
+        "tuneloop_predictions", "Texts classified, by predicted label and model version.",
+        labelnames=("label", "model_version"),
+    )
+    feedback = prometheus_client.Counter(
+        "tuneloop_feedback", "Ground-truth labels received, by whether the prediction was right.",
+        labelnames=("correct", "model_version"),
+    )
+    dropped = prometheus_client.Counter(
+        "tuneloop_prediction_log_dropped", "Prediction log records dropped because the log was full or closed.",
+    )
+    return predictions, feedback, dropped
+
+
+# --------------------------------------------------------------------------------------------
+# The runtime
+
+
+class ServingRuntime:
+    """The model, the prediction log and the request policy of one server process.
+
+    Args:
+        config: the project config (``deployment`` and ``registry`` sections).
+        version: registry version to serve; None for the champion (or, with ``model_dir``, a label).
+        model_dir: serve this local directory instead of a registry version.
+        api_key: required ``X-API-Key`` value; None leaves the API open.
+
+    Raises:
+        RegistryError, ModelError: the model cannot be resolved, downloaded or loaded (start-up fails).
+    """
+
+    def __init__(
+        self,
+        config: TuneloopConfig,
+        *,
+        version: str | None = None,
+        model_dir: str | Path | None = None,
+        api_key: str | None = None,
+    ) -> None:
+        self.config = config
+        if model_dir is not None:
+            directory, resolved = Path(model_dir), str(version or "local")
+        else:
+            resolved, directory = fetch_model(config, version)
+        self.model = load_model(directory, resolved)
+        self.limits = RequestLimits.from_config(config)
+        self.policy = RequestPolicy(limits=self.limits, api_key=api_key or None)
+        self.log_uri = prediction_log_uri(config)
+        deployment = config.deployment
+        self._predictions_counter, self._feedback_counter, dropped = _metrics()
+        writer_options = dict(flush_records=deployment.log_flush_records, flush_seconds=deployment.log_flush_seconds,
+                              max_buffered=deployment.log_max_buffered, on_drop=dropped.inc)
+        self.prediction_log = ParquetLogWriter(self.log_uri, prefix=PREDICTIONS_PREFIX, transform=with_text_features,
+                                               **writer_options)
+        self.feedback_log = ParquetLogWriter(feedback_log_uri(self.log_uri), prefix=FEEDBACK_PREFIX, **writer_options)
+        self._recent: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self._recent_lock = threading.Lock()
+        self._closed = False
+        logger.info("serving %s version %s (%s) from %s; prediction log %s", config.registry.model_name,
+                    self.model.version, self.model.runtime, self.model.directory, self.log_uri)
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] | None = None) -> "ServingRuntime":
+        """Build from ``$TUNELOOP_CONFIG`` (default ``tuneloop.yaml``), ``$TUNELOOP_MODEL_VERSION``
+        (default ``deployment.model_version``, else the champion), ``$TUNELOOP_MODEL_DIR`` and the API
+        key variable named by ``deployment.api_key_env``."""
+        environ = os.environ if environ is None else environ
+        config = load_serving_config(environ)
+        version = (environ.get(VERSION_ENV) or "").strip() or config.deployment.model_version
+        model_dir = (environ.get(MODEL_DIR_ENV) or "").strip() or None
+        api_key = environ.get(config.deployment.api_key_env) or None
+        return cls(config, version=version, model_dir=model_dir, api_key=api_key)
+
+    @property
+    def labels(self) -> list[str]:
+        return self.model.labels
+
+    @property
+    def ready(self) -> bool:
+        return not self._closed and self.prediction_log.alive and self.feedback_log.alive
+
+    def predict(self, texts: Sequence[str]) -> list[Prediction]:
+        """Classify texts (one adaptive batch), log them, and answer one :class:`Prediction` each."""
+        texts = [str(text) for text in texts]
+        if not texts:
+            return []
+        probabilities = self.model.classifier.predict_proba(texts, batch_size=INFERENCE_BATCH_SIZE)
+        labels = self.labels
+        version = self.model.version
+        timestamp = datetime.now(timezone.utc)
+        predictions, records = [], []
+        for text, row in zip(texts, probabilities.tolist()):
+            best = max(range(len(row)), key=row.__getitem__)
+            request_id = uuid.uuid4().hex
+            prediction = Prediction(request_id=request_id, label=labels[best], confidence=row[best],
+                                    probabilities=dict(zip(labels, row)), model_version=version)
+            predictions.append(prediction)
+            record = {"request_id": request_id, "timestamp": timestamp, "model_version": version, "text": text,
+                      "predicted_label": prediction.label, "confidence": prediction.confidence}
+            record.update({f"{PROBABILITY_PREFIX}{label}": value for label, value in zip(labels, row)})
+            records.append(record)
+        self._remember((p.request_id, p.label) for p in predictions)
+        self.prediction_log.write(records)
+        for label, count in Counter(p.label for p in predictions).items():
+            self._predictions_counter.labels(label=label, model_version=version).inc(count)
+        return predictions
+
+    def record_feedback(self, request_id: str, label: str) -> FeedbackResponse:
+        """Record the true label of an earlier prediction.
+
+        Raises:
+            FeedbackError: 422 when the label is not one the model knows, 404 for an unknown id.
+        """
+        if label not in self.labels:
+            raise FeedbackError(f"label {label!r} is not one of the model's labels {self.labels}",
+                                status=422, field="label")
+        known = self._lookup(request_id)
+        if known is None:
+            raise FeedbackError(f"no prediction with request_id {request_id!r} (unknown, or older than the "
+                                f"prediction log)", status=404, field="request_id")
+        version, predicted = known
+        self.feedback_log.write([{"request_id": request_id, "timestamp": datetime.now(timezone.utc), "label": label,
+                                  "model_version": version, "predicted_label": predicted}])
+        self._feedback_counter.labels(correct=str(predicted == label).lower(), model_version=version).inc()
+        return FeedbackResponse(request_id=request_id, label=label, predicted_label=predicted, model_version=version)
+
+    def flush(self, timeout: float | None = 30.0) -> bool:
+        """Write every queued prediction and feedback record now."""
+        return self.prediction_log.flush(timeout) and self.feedback_log.flush(timeout)
+
+    def close(self) -> None:
+        """Flush and stop the log writers (idempotent; called on shutdown)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.prediction_log.close()
+        self.feedback_log.close()
+        logger.info("prediction log closed: %d predictions, %d feedback records written, %d dropped",
+                    self.prediction_log.written, self.feedback_log.written,
+                    self.prediction_log.dropped + self.feedback_log.dropped)
+
+    def _remember(self, items: Iterable[tuple[str, str]]) -> None:
+        with self._recent_lock:
+            for request_id, label in items:
+                self._recent[request_id] = (self.model.version, label)
+            while len(self._recent) > RECENT_IDS:
+                self._recent.popitem(last=False)
+
+    def _lookup(self, request_id: str) -> tuple[str, str] | None:
+        with self._recent_lock:
+            known = self._recent.get(request_id)
+        if known is not None:
+            return known
+        try:
+            row = find_logged_prediction(self.log_uri, request_id)
+        except Exception:  # an unreadable log must not turn a feedback call into a 5xx
+            logger.exception("looking up request_id %s in %s failed", request_id, self.log_uri)
+            return None
+        return (str(row["model_version"]), str(row["predicted_label"])) if row else None
+
+
+def stop_server_on_startup_error(error: BaseException) -> None:
+    """Log why the model could not be served and, inside a ``bentoml serve`` worker, stop the whole
+    server: BentoML would otherwise respawn the failing worker forever and the process would look
+    alive while serving nothing. Outside a BentoML server (tests, an ASGI host) it only logs."""
+    logger.error("tuneloop serving cannot start: %s", error)
+    print(f"error: tuneloop serving cannot start: {error}", file=sys.stderr, flush=True)
+    if "BENTOML_RUNNER_MAP" not in os.environ:
+        return
+    try:
+        import psutil
+
+        parent = psutil.Process(os.getppid())
+        if any("bentoml" in part for part in parent.cmdline()):
+            parent.terminate()
+    except Exception:  # best effort: the worker still fails
+        logger.exception("could not stop the BentoML server process")
+
+
+def load_serving_config(environ: Mapping[str, str] | None = None) -> TuneloopConfig:
+    """The config named by ``$TUNELOOP_CONFIG`` (default ``tuneloop.yaml``), with relative paths (the
+    config file itself, ``state_dir``, a local ``deployment.prediction_log_uri``) taken against
+    ``$TUNELOOP_WORKDIR``, else ``$PWD``, else the working directory.
+
+    Raises:
+        ConfigError: the file is missing or invalid.
+    """
+    environ = os.environ if environ is None else environ
+    workdir = Path(environ.get(WORKDIR_ENV) or environ.get("PWD") or os.getcwd())
+    if not workdir.is_dir():
+        workdir = Path.cwd()
+    path = Path(environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
+    path = path if path.is_absolute() else workdir / path
+    config = load_config(path, resolve_paths=False)
+    if not Path(config.state_dir).is_absolute():
+        config.state_dir = workdir / config.state_dir
+    log_uri = config.deployment.prediction_log_uri
+    if log_uri and "://" not in log_uri and not Path(log_uri).is_absolute():
+        config.deployment.prediction_log_uri = str(workdir / log_uri)
+    return resolve_config_paths(config, base_dir=path.resolve().parent)
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "model"
+
