@@ -17,11 +17,12 @@ def register(
     registration: Output[Artifact],
     pipeline_run: str = "",
 ) -> NamedTuple("RegistrationOutputs", version=str):
-    """Register the blessed compressed model in the MLflow registry.
+    """Register the blessed compressed model in the MLflow registry as the challenger.
 
     Tags the version with lineage (pipeline run, data fingerprint, test metrics, gate decision,
-    training frame) and points the aliases challenger and then champion at it. Refuses a model
-    the gate did not bless; on failure no version is left behind and no alias moves.
+    training frame) and points the alias challenger at it; the deploy step moves champion after a
+    successful rollout. Refuses a model the gate did not bless; on failure no version is left
+    behind and no alias moves.
     """
     import json
     from collections import namedtuple
@@ -37,6 +38,7 @@ def register(
         read_decision(decision.path),
         dataset.path,
         pipeline_run=pipeline_run,
+        aliases=(registry.CHALLENGER,),
     )
     Path(registration.path).write_text(json.dumps(result.__dict__, indent=2))
     return namedtuple("RegistrationOutputs", ["version"])(result.version)

@@ -1,8 +1,9 @@
-"""The training pipeline: validate -> features -> fine-tune -> compress -> evaluate -> [blessed?] register.
+"""The training pipeline: validate -> features -> fine-tune -> compress -> evaluate -> [blessed?] register -> deploy.
 
 One definition runs two ways: through ``kfp.local`` on one machine (``tuneloop run --local``) and
-compiled to KFP IR YAML for a cluster (``tuneloop compile pipelines/training.py``). Registration sits
-under ``dsl.If`` on the gate's output; the ExitHandler reports failed runs to the alert sink.
+compiled to KFP IR YAML for a cluster (``tuneloop compile pipelines/training.py``). Registration
+(alias ``challenger``) and deployment (rollout + smoke test, then alias ``champion``) sit under
+``dsl.If`` on the gate's output; the ExitHandler reports failed runs to the alert sink.
 
 Cluster settings (images, GPU nodes, resources, secrets, retries) come from the ``kubeflow``
 section of the config at compile time: ``build_pipeline(config.kubeflow)``. ``kfp.local`` ignores them.
@@ -12,6 +13,7 @@ from kfp import dsl
 
 from components.alerts import notify, report_rejection
 from components.compression import compress
+from components.deployment import deploy
 from components.evaluation import evaluate
 from components.features import retrieve_features
 from components.registry import register
@@ -21,7 +23,7 @@ from pipelines.cluster import configure_task
 from tuneloop.config import KubeflowConfig
 
 PIPELINE_NAME = "tuneloop-training"
-TRANSIENT_STEPS = ("validate_data", "retrieve_features", "evaluate", "register")
+TRANSIENT_STEPS = ("validate_data", "retrieve_features", "evaluate", "register", "deploy")
 """Steps that only read or write external state: a retry is cheap and safe."""
 
 
@@ -73,6 +75,7 @@ def build_pipeline(kubeflow: KubeflowConfig | None = None):
                     dataset=features.outputs["dataset"],
                     pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
                 )
+                deployed = deploy(config_json=config_json, version=registered.outputs["version"])
             with dsl.Else(name="rejected"):
                 rejected = report_rejection(
                     config_json=config_json,
@@ -81,7 +84,8 @@ def build_pipeline(kubeflow: KubeflowConfig | None = None):
                 )
         steps = {
             "validate_data": validated, "retrieve_features": features, "finetune": trained,
-            "compress": compressed, "evaluate": gate, "register": registered, "report_rejection": rejected,
+            "compress": compressed, "evaluate": gate, "register": registered, "deploy": deployed,
+            "report_rejection": rejected,
             "notify": exit_task,
         }
         for step, task in steps.items():

@@ -170,6 +170,19 @@ def schedule(host, cron, name, pipeline_name, experiment, params, namespace, tok
 
 @cli.command()
 @config_option
+@click.option("--port", type=click.IntRange(1, 65535), default=None, help="Port (default: deployment.port).")
+@click.option("--version", "model_version", default=None, help="Serve this registry version instead of champion.")
+def serve(config_path, port, model_version) -> None:
+    """Serve the champion (or --version) with BentoML on this machine; restart to pick up a new champion."""
+    from tuneloop import deployment
+
+    code = deployment.serve(config_path, port=port, version=model_version)
+    if code:
+        sys.exit(code)
+
+
+@cli.command()
+@config_option
 @click.option("--window", default=None,
               help="24h, 90m, 7d, or a number of recent records like 5000 (default: monitoring.window).")
 def monitor(config_path, window) -> None:
@@ -187,6 +200,27 @@ def monitor(config_path, window) -> None:
 @cli.group()
 def models() -> None:
     """The model registry: versions, aliases and metrics."""
+
+
+@models.command(name="promote")
+@click.argument("version")
+@config_option
+def promote_model(version, config_path) -> None:
+    """Point champion at VERSION (on Kubernetes: roll out, smoke-test, roll back on failure)."""
+    from tuneloop import deployment
+    from tuneloop.config import load_config
+
+    click.echo(deployment.promote(load_config(config_path), version).message)
+
+
+@models.command(name="rollback")
+@config_option
+def rollback_model(config_path) -> None:
+    """Move champion back to the previous champion (on Kubernetes: re-roll the Deployment)."""
+    from tuneloop import deployment
+    from tuneloop.config import load_config
+
+    click.echo(deployment.rollback(load_config(config_path)).message)
 
 
 @models.command(name="list")

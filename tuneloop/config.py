@@ -385,7 +385,7 @@ class KubeflowConfig(StrictModel):
     @field_validator("resources")
     @classmethod
     def _known_steps(cls, resources: dict[str, ResourcesConfig]) -> dict[str, ResourcesConfig]:
-        known = {"default", "validate_data", "retrieve_features", "finetune", "compress", "evaluate", "register"}
+        known = {"default", "validate_data", "retrieve_features", "finetune", "compress", "evaluate", "register", "deploy"}
         unknown = sorted(set(resources) - known)
         if unknown:
             raise ValueError(f"unknown steps {unknown}; known: {sorted(known)}")

@@ -27,6 +27,7 @@ def summarize(run: LocalRun, versions: list[dict]) -> str:
     lines += _compression_lines(run)
     lines += _gate_lines(run)
     lines += _registry_lines(run, versions)
+    lines += _deployment_lines(run)
     lines.append(f"artifacts: {run.root}")
     return "\n".join(lines)
 
@@ -88,3 +89,10 @@ def _registry_lines(run: LocalRun, versions: list[dict]) -> list[str]:
     version = registration["version"]
     row = next((v for v in versions if v["version"] == version), {"aliases": registration["aliases"]})
     return [f"registry: {registration['model_name']} version {version}, aliases: {', '.join(row['aliases']) or 'none'}"]
+
+
+def _deployment_lines(run: LocalRun) -> list[str]:
+    result = _read_json(run.task_output("deploy", "deployment"))
+    if result is None:
+        return []
+    return [f"deploy: {result.get('status')} on {result.get('target')}: {result.get('message', '')}"]

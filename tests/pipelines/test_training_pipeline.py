@@ -48,7 +48,9 @@ def test_registration_sits_under_the_gate(compiled):
     blessed, rejected = by_name["blessed"], by_name["rejected"]
     assert blessed.trigger_policy.condition == "inputs.parameter_values['pipelinechannel--evaluate-blessed'] == true"
     assert rejected.trigger_policy.condition.startswith("!(")
-    assert "register" in compiled.components[blessed.component_ref.name].dag.tasks
+    blessed_tasks = compiled.components[blessed.component_ref.name].dag.tasks
+    assert {"register", "deploy"} <= set(blessed_tasks)
+    assert "register" in blessed_tasks["deploy"].dependent_tasks
     assert "report-rejection" in compiled.components[rejected.component_ref.name].dag.tasks
 
 
