@@ -238,6 +238,6 @@ def _safe_uri(config: TuneloopConfig) -> str:
     from urllib.parse import urlsplit, urlunsplit
 
     parts = urlsplit(config.tracking_uri)
-    if parts.password or parts.username:
-        parts = parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""))
-    return urlunsplit(parts)
+    if not (parts.password or parts.username):
+        return config.tracking_uri  # urlunsplit would turn sqlite:///abs into sqlite://abs
+    return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
