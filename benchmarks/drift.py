@@ -231,6 +231,7 @@ def demo(args) -> int:
     rng = np.random.default_rng(args.seed)
     size = min(args.window_size, len(test))
     runtime = ServingRuntime(config)
+    served_version = runtime.model.version
     outcomes = []
     try:
         for title, injected in (("in-distribution traffic", 0), (f"{args.campaign_share:.0%} campaign traffic",
@@ -250,13 +251,15 @@ def demo(args) -> int:
     for repeat in (1, 2):
         print(f"\n== tuneloop monitor again ({repeat} of 2) within the cooldown: no second retraining run",
               flush=True)
-        outcomes.append(monitoring.monitor(config, str(size)))
+        # The retraining run has moved champion on; check the traffic of the version that served it.
+        outcomes.append(monitoring.monitor(config, str(size), model_version=served_version))
     verdicts = [outcome.verdict for outcome in outcomes]
     triggers = [getattr(outcome.trigger, "status", None) for outcome in outcomes]
     started = [t for t in triggers if t == "started"]
     print(f"\ndemo: verdicts {verdicts}; exit codes {[outcome.exit_code for outcome in outcomes]}; "
           f"retraining triggers {triggers}", flush=True)
-    expected = verdicts[:2] == [monitoring.NO_DRIFT, monitoring.DRIFT] and len(started) == 1 and triggers[1] == "started"
+    expected = (verdicts == [monitoring.NO_DRIFT, monitoring.DRIFT, monitoring.DRIFT, monitoring.DRIFT]
+                and triggers[1] == "started" and triggers[2:] == ["cooldown", "cooldown"])
     print("demo: " + ("ok: one drift, one alert, exactly one retraining run" if expected else "UNEXPECTED outcome"))
     return 0 if expected else 1
 
