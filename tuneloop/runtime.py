@@ -17,6 +17,8 @@ similar length), and returns softmax probabilities in the order of ``labels``.
 
 from __future__ import annotations
 
+import abc
+
 import importlib
 import importlib.util
 import math
@@ -53,7 +55,7 @@ class Classifier(Protocol):
         ...
 
 
-class BaseClassifier:
+class BaseClassifier(abc.ABC):
     """Shared batching, softmax and argmax; subclasses implement :meth:`_logits` for one batch."""
 
     runtime = "base"
@@ -67,8 +69,9 @@ class BaseClassifier:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.directory)!r}, labels={self.labels})"
 
+    @abc.abstractmethod
     def _logits(self, texts: list[str]) -> np.ndarray:
-        raise NotImplementedError
+        """Raw logits, shape [len(texts), len(labels)], for one batch of texts."""
 
     def _encode(self, texts: list[str], tensors: str) -> dict[str, Any]:
         return self.tokenizer(
