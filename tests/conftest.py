@@ -103,3 +103,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if in_ci and "slow" in item.keywords and "ci" not in item.keywords:
             item.add_marker(skip_slow)
+
+
+def export_compressed_fp32(model_dir: Path, target: Path, max_length: int = 32) -> Path:
+    """A Compressed Model directory holding an fp32 ONNX export of a Model directory."""
+    from tuneloop.artifacts import write_metadata
+    from tuneloop.compression import export_onnx
+    from tuneloop.runtime import TorchClassifier
+
+    target.mkdir(parents=True)
+    torch_model = TorchClassifier(model_dir)
+    export_onnx(torch_model, target / "model.onnx", opset=17)
+    torch_model.tokenizer.save_pretrained(target)
+    write_metadata(target, {"kind": "compressed_model", "runtime": "onnxruntime", "precision": "fp32",
+                            "labels": ["ham", "spam"], "max_length": max_length})
+    return target

@@ -45,16 +45,9 @@ def model_dir(tiny_checkpoint, tmp_path_factory):
 @pytest.fixture(scope="module")
 def onnx_dir(model_dir, tmp_path_factory):
     """A Compressed Model directory holding an fp32 export of the tiny model."""
-    from tuneloop.compression import export_onnx
+    from tests.conftest import export_compressed_fp32
 
-    target = tmp_path_factory.mktemp("runtime-onnx") / "compressed"
-    target.mkdir()
-    torch_model = TorchClassifier(model_dir)
-    export_onnx(torch_model, target / "model.onnx", opset=17)
-    torch_model.tokenizer.save_pretrained(target)
-    write_metadata(target, {"kind": "compressed_model", "runtime": "onnxruntime", "precision": "fp32",
-                            "labels": ["ham", "spam"], "max_length": 32})
-    return target
+    return export_compressed_fp32(model_dir, tmp_path_factory.mktemp("runtime-onnx") / "compressed")
 
 
 def torch_has_cuda():

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import make_config
+from tests.conftest import export_compressed_fp32, make_config
 from tuneloop import serving
 from tuneloop.artifacts import write_metadata
 from tuneloop.errors import ModelError, RegistryError
@@ -35,21 +35,11 @@ TEXTS = ["WINNER!! Claim your free prize now, call 09061701461", "see you at the
 @pytest.fixture(scope="module")
 def compressed_dir(tiny_checkpoint, tmp_path_factory):
     """A Compressed Model directory: an ONNX export of the tiny model, its tokenizer, tuneloop.json."""
-    from tuneloop.compression import export_onnx
-    from tuneloop.runtime import TorchClassifier
-
     root = tmp_path_factory.mktemp("serving-model")
     model_dir = root / "model"
     shutil.copytree(tiny_checkpoint, model_dir)
     write_metadata(model_dir, {"kind": "model", "labels": ["ham", "spam"], "max_length": 32})
-    target = root / "compressed"
-    target.mkdir()
-    torch_model = TorchClassifier(model_dir)
-    export_onnx(torch_model, target / "model.onnx", opset=17)
-    torch_model.tokenizer.save_pretrained(target)
-    write_metadata(target, {"kind": "compressed_model", "runtime": "onnxruntime", "precision": "fp32",
-                            "labels": ["ham", "spam"], "max_length": 32})
-    return target
+    return export_compressed_fp32(model_dir, root / "compressed")
 
 
 @pytest.fixture(scope="module")
