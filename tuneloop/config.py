@@ -37,8 +37,9 @@ class DataConfig(StrictModel):
     time each became known. Both are CSV or Parquet files; ``tuneloop init`` writes them.
     """
 
-    texts: Path
-    labels: Path
+    texts: str = Field(min_length=1, description="Texts file: a local path (relative to this file) or an "
+                       "object-store URI such as s3://bucket/texts.parquet (cluster).")
+    labels: str = Field(min_length=1, description="Labels file: a local path or an object-store URI.")
     id_column: str = "id"
     timestamp_column: str = "event_timestamp"
     text_column: str = "text"
@@ -94,6 +95,10 @@ class FeaturesConfig(StrictModel):
     )
     redis_connection_env: str | None = Field(
         None, description="Env var holding a Redis connection string (cluster); unset: SQLite in state_dir."
+    )
+    offline_uri: str | None = Field(
+        None, description="Where the prepared Feast sources live: a directory or object-store URI every step can "
+                          "read (cluster: s3://...); unset: <state_dir>/feature_data.",
     )
     split: SplitConfig = SplitConfig()
 
@@ -314,12 +319,28 @@ class MonitoringConfig(StrictModel):
     max_quality_drop_points: float | None = Field(None, ge=0.0, le=100.0)
     trigger: Literal["none", "local", "kubeflow"] = "local"
     cooldown_hours: float = Field(24.0, ge=0.0)
-    ledger: Literal["file", "registry"] = "file"
+    ledger: Literal["database", "registry"] = "database"
     training_pipeline_file: str = "pipelines/training.py"
     training_pipeline_name: str = "tuneloop-training"
     kubeflow_host: str | None = None
     kubeflow_namespace: str | None = None
     kubeflow_experiment: str = "tuneloop"
+
+
+class StateConfig(StrictModel):
+    """Shared operational state: the retraining ledger and its cooldown lock, the alert spool and alert
+    log, per-run deploy outcomes and the champion history.
+
+    It lives in one SQL database. ``database_url_env`` names the environment variable holding its
+    SQLAlchemy URL (cluster: Postgres, the value from a Kubernetes Secret because it carries
+    credentials); unset, it is SQLite at ``<state_dir>/state.db`` (one machine, zero set-up).
+    """
+
+    database_url_env: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Env var holding the shared database URL (cluster); unset: SQLite in state_dir.",
+    )
+    lock_timeout_s: float = Field(30.0, gt=0.0, description="How long to wait for a shared lock before failing.")
 
 
 class ResourcesConfig(StrictModel):
@@ -393,9 +414,17 @@ class KubeflowConfig(StrictModel):
 
 
 class TuneloopConfig(StrictModel):
-    """The whole `tuneloop.yaml`."""
+    """The whole `tuneloop.yaml`.
+
+    ``world`` says where the project runs. ``local`` (default): one machine, all state under
+    ``state_dir`` with zero set-up. ``cluster``: every step, replica and monitor is its own pod, so
+    everything shared must live in a service; :func:`tuneloop.world.cluster_problems` lists the fields
+    that would still be pod-local, and ``state_dir`` is only per-pod scratch space (taken against each
+    pod's working directory, never resolved at load time).
+    """
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    world: Literal["local", "cluster"] = "local"
     state_dir: Path = Path(".tuneloop")
     data: DataConfig
     validation: ValidationConfig = ValidationConfig()
@@ -407,7 +436,17 @@ class TuneloopConfig(StrictModel):
     deployment: DeploymentConfig = DeploymentConfig()
     alerts: AlertsConfig = AlertsConfig()
     monitoring: MonitoringConfig = MonitoringConfig()
+    state: StateConfig = StateConfig()
     kubeflow: KubeflowConfig = KubeflowConfig()
+
+    @model_validator(mode="after")
+    def _no_credentials_in_uris(self) -> "TuneloopConfig":
+        from tuneloop.world import credential_problems
+
+        problems = credential_problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     @property
     def tracking_uri(self) -> str:
@@ -493,12 +532,17 @@ def load_config(path: str | os.PathLike[str], *, resolve_paths: bool = True) -> 
 
 
 def resolve_config_paths(config: TuneloopConfig, *, base_dir: Path) -> TuneloopConfig:
-    """Return a copy whose relative paths are absolute: data paths and a local base-model
-    directory against ``base_dir``, the state directory and alert file against the working dir."""
+    """Return a copy whose relative paths are absolute: local data paths and a local base-model
+    directory against ``base_dir``, the state directory and alert file against the working dir.
+
+    URIs (``s3://...``) are left as they are. In the cluster world ``state_dir`` stays relative: it is
+    scratch space of whichever pod reads the config, never a place two pods share.
+    """
     resolved = config.model_copy(deep=True)
-    resolved.data.texts = _absolute(config.data.texts, base_dir)
-    resolved.data.labels = _absolute(config.data.labels, base_dir)
-    resolved.state_dir = Path(config.state_dir).resolve()
+    resolved.data.texts = _absolute_location(config.data.texts, base_dir)
+    resolved.data.labels = _absolute_location(config.data.labels, base_dir)
+    if config.world == "local":
+        resolved.state_dir = Path(config.state_dir).resolve()
     if config.alerts.jsonl is not None:
         resolved.alerts.jsonl = Path(config.alerts.jsonl).resolve()
     base_model = config.training.base_model
@@ -509,6 +553,15 @@ def resolve_config_paths(config: TuneloopConfig, *, base_dir: Path) -> TuneloopC
 
 def _absolute(path: Path, base_dir: Path) -> Path:
     return path if path.is_absolute() else (base_dir / path).resolve()
+
+
+def is_uri(location: str | os.PathLike[str]) -> bool:
+    """Whether a location is a URI with a scheme (``s3://``, ``file://``) rather than a local path."""
+    return "://" in str(location)
+
+
+def _absolute_location(location: str, base_dir: Path) -> str:
+    return location if is_uri(location) else str(_absolute(Path(location), base_dir))
 
 
 def resolve_base_model(base_model: str) -> Path:
