@@ -101,3 +101,22 @@ class PipelineError(TuneloopError):
     """A pipeline could not be loaded, compiled, or did not finish."""
 
     exit_code = 7
+
+
+class ServiceUnavailableError(TuneloopError):
+    """A shared service (MLflow, Postgres, Redis, the object store, the KFP API) could not be reached.
+
+    An outage is never a verdict: a step that hits one raises this, and KFP retries the step. The
+    message names the service and its URI without credentials.
+
+    Args:
+        service: which service (``mlflow``, ``postgres``, ``redis``, ``object store``, ``kubeflow``).
+        uri: where it was looked for, credentials removed.
+    """
+
+    exit_code = 75  # EX_TEMPFAIL: try again later
+
+    def __init__(self, message: str, *, service: str, uri: str | None = None, **context) -> None:
+        super().__init__(message, **context)
+        self.service = service
+        self.uri = uri
