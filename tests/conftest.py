@@ -118,3 +118,75 @@ def export_compressed_fp32(model_dir: Path, target: Path, max_length: int = 32) 
     write_metadata(target, {"kind": "compressed_model", "runtime": "onnxruntime", "precision": "fp32",
                             "labels": ["ham", "spam"], "max_length": max_length})
     return target
+
+
+# Real services on loopback (rehearsal.services), shared by the whole session. Each skips with the
+# reason when its binary or package is missing here; a service that is installed but fails to start
+# is an error, not a skip.
+
+
+def _service_or_skip(available, start):
+    from rehearsal import services
+
+    problem = getattr(services, available)()
+    if problem:
+        pytest.skip(problem)
+    return start(services)
+
+
+@pytest.fixture(scope="session")
+def postgres_service():
+    """A running PostgreSQL 15 (:class:`rehearsal.services.Postgres`): ``url``, ``restart()``.
+
+    Its data lives in the system temp dir: pytest's base temp is private to root, and Postgres runs
+    as the ``postgres`` user."""
+    with _service_or_skip("postgres_available", lambda s: s.postgres()) as pg:
+        yield pg
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_service) -> str:
+    """SQLAlchemy URL (with credentials: pass it through an env var, never into a config) of a fresh database."""
+    return postgres_service.url
+
+
+@pytest.fixture(scope="session")
+def redis_service(tmp_path_factory):
+    """A running Redis (:class:`rehearsal.services.Redis`): ``url``, ``connection_string``."""
+    with _service_or_skip("redis_available", lambda s: s.redis(workdir=tmp_path_factory.getbasetemp())) as rd:
+        yield rd
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_service) -> str:
+    """``redis://127.0.0.1:<port>``."""
+    return redis_service.url
+
+
+@pytest.fixture(scope="session")
+def s3_service(tmp_path_factory):
+    """A running moto S3 server (:class:`rehearsal.services.S3`) with the bucket ``tuneloop``."""
+    with _service_or_skip("s3_available", lambda s: s.s3(buckets=["tuneloop"], workdir=tmp_path_factory.getbasetemp())) as store:
+        yield store
+
+
+@pytest.fixture
+def s3_endpoint(s3_service, monkeypatch) -> str:
+    """The S3 endpoint URL, with ``AWS_ENDPOINT_URL``, test credentials and ``MLFLOW_S3_ENDPOINT_URL`` set
+    in the environment for this test, so boto3, s3fs, pyarrow and MLflow reach it. Bucket: ``tuneloop``."""
+    for name, value in s3_service.env.items():
+        monkeypatch.setenv(name, value)
+    return s3_service.endpoint
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(postgres_service, s3_service, tmp_path_factory):
+    """A running MLflow tracking server (:class:`rehearsal.services.MlflowServer`): ``url``, ``stop()``,
+    ``start()``; runs and registry in the Postgres database ``mlflow``, artifacts proxied to
+    ``s3://tuneloop/mlflow``."""
+    from rehearsal import services
+
+    backend = postgres_service.create_database("mlflow")
+    with services.mlflow_server(backend, "s3://tuneloop/mlflow", s3_env=s3_service.env,
+                                workdir=tmp_path_factory.getbasetemp()) as server:
+        yield server
