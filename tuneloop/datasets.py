@@ -9,35 +9,94 @@ a test row into training.
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
 
 import pandas as pd
 
-from tuneloop.errors import DataError
+from tuneloop.config import is_uri
+from tuneloop.errors import DataError, ServiceUnavailableError
 
 SPLIT_COLUMN = "split"
 SPLITS = ("train", "validation", "test")
 DATASET_FILE = "dataset.parquet"
 
 
-def read_table(path: str | Path, *, what: str = "data file") -> pd.DataFrame:
-    """Read a CSV or Parquet file into a DataFrame.
+def read_table(location: str | Path, *, what: str = "data file") -> pd.DataFrame:
+    """Read a CSV or Parquet file, a local path or an object-store URI (``s3://bucket/key``).
+
+    Object-store clients find their endpoint and credentials in the environment
+    (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``...); a config never holds them, so messages name
+    the URI as configured.
 
     Raises:
         DataError: the file is missing, has an unsupported suffix, or cannot be parsed.
+        ServiceUnavailableError: the object store could not be reached (retry later).
     """
-    path = Path(path)
+    if is_uri(location):
+        return _read_remote_table(str(location), what)
+    path = Path(location)
     if not path.is_file():
         raise DataError(f"{what} not found: {path}", path=str(path))
-    suffix = path.suffix.lower()
+    reader = _table_reader(path.suffix.lower(), what=what, location=str(path))
     try:
-        if suffix == ".parquet":
-            return pd.read_parquet(path)
-        if suffix in {".csv", ".tsv"}:
-            return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",")
+        return reader(path)
     except Exception as error:  # pandas and pyarrow raise many types for a bad file
         raise DataError(f"{what} {path} cannot be read: {error}", path=str(path)) from error
-    raise DataError(f"{what} {path}: unsupported format {suffix!r} (use .csv or .parquet)", path=str(path))
+
+
+def _table_reader(suffix: str, *, what: str, location: str):
+    if suffix == ".parquet":
+        return pd.read_parquet
+    if suffix in {".csv", ".tsv"}:
+        return lambda source: pd.read_csv(source, sep="\t" if suffix == ".tsv" else ",")
+    raise DataError(f"{what} {location}: unsupported format {suffix!r} (use .csv or .parquet)", path=location)
+
+
+def _read_remote_table(uri: str, what: str) -> pd.DataFrame:
+    import fsspec
+
+    reader = _table_reader(PurePosixPath(urlsplit(uri).path).suffix.lower(), what=what, location=uri)
+    try:
+        filesystem, path = fsspec.core.url_to_fs(uri)
+        if not filesystem.isfile(path):
+            raise FileNotFoundError(uri)
+        with filesystem.open(path, "rb") as handle:
+            return reader(handle)
+    except FileNotFoundError as error:
+        raise DataError(f"{what} not found: {uri}", path=uri) from error
+    except Exception as error:
+        if is_connection_error(error):
+            raise ServiceUnavailableError(
+                f"object store unreachable while reading {what} {uri}: {type(error).__name__}",
+                service="object store", uri=uri, path=uri,
+            ) from error
+        raise DataError(f"{what} {uri} cannot be read: {error}", path=uri) from error
+
+
+def is_connection_error(error: BaseException) -> bool:
+    """Whether ``error`` (or what caused it) means a service could not be reached, not bad input."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (ConnectionError, TimeoutError)) or _is_botocore_connection_error(current):
+            return True
+        if any(marker in str(current) for marker in _CONNECTION_MARKERS):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+_CONNECTION_MARKERS = ("NETWORK_CONNECTION", "Could not connect to the endpoint", "Connection refused")
+
+
+def _is_botocore_connection_error(error: BaseException) -> bool:
+    try:
+        from botocore.exceptions import ConnectionError as BotocoreConnectionError
+    except ImportError:  # no object-store client installed: nothing of it can be raised
+        return False
+    return isinstance(error, BotocoreConnectionError)
 
 
 def require_columns(frame: pd.DataFrame, columns: list[str], *, path: str | Path, what: str) -> None:

@@ -337,7 +337,7 @@ def test_feature_repo_definitions_come_from_build_definitions(tmp_path, labelled
     assert isinstance(module.texts_view, FeatureView) and module.texts_view.name == "sms_spam_texts"
     assert isinstance(module.text_statistics_view, OnDemandFeatureView)
     assert isinstance(module.feature_service, FeatureService) and module.feature_service.name == "sms_spam"
-    assert module._definitions.texts_path == config_file.parent / "texts.parquet"
+    assert module._definitions.texts_path == str(config_file.parent / "texts.parquet")
 
 
 def test_feast_cli_plans_the_feature_repo(tmp_path, labelled_frame):
