@@ -38,9 +38,11 @@ test-fast: $(DEV_STAMP)  ## the tests not marked slow
 demo-drift: $(STAMP)  ## after `make demo`: serve in-distribution then campaign traffic, monitor, retrain once
 	$(BIN)/python benchmarks/drift.py --demo --config $(EXAMPLE)/tuneloop.yaml
 
-compile: $(STAMP)  ## compile both pipelines to KFP IR YAML under build/
-	$(BIN)/tuneloop compile pipelines/training.py --output build/training.yaml --config $(EXAMPLE)/tuneloop.yaml
-	$(BIN)/tuneloop compile pipelines/monitoring.py --output build/monitoring.yaml --config $(EXAMPLE)/tuneloop.yaml
+CLUSTER_CONFIG := k8s/base/config/tuneloop.yaml
+
+compile: $(STAMP)  ## compile both shipped pipelines with the cluster config of k8s/ to KFP IR YAML under build/
+	$(BIN)/tuneloop compile training --output build/training.yaml --config $(CLUSTER_CONFIG)
+	$(BIN)/tuneloop compile monitoring --output build/monitoring.yaml --config $(CLUSTER_CONFIG)
 
 clean:
 	rm -rf .tuneloop build

@@ -1,6 +1,7 @@
 """Cluster settings shared by the pipelines: image, resources, GPU nodes, secrets, retries, caching.
 
 Read from the ``kubeflow`` section of the config at compile time; ``kfp.local`` ignores them.
+Each entry of ``kubeflow.secrets`` reaches the steps it lists (all steps when it lists none).
 """
 
 from kfp import kubernetes
@@ -20,9 +21,17 @@ def configure_task(task, step: str, kubeflow: KubeflowConfig, *, retried_steps: 
         _request_gpu(task, kubeflow)
     if step in retried_steps and kubeflow.retries:
         task.set_retry(num_retries=kubeflow.retries, backoff_duration="30s", backoff_factor=2.0)
+    _use_secrets(task, step, kubeflow)
+
+
+def _use_secrets(task, step: str, kubeflow: KubeflowConfig) -> None:
+    """The step's Secrets as environment variables, by reference. None is optional: a step that needs
+    a credential must not start without it, so a missing Secret fails the pod at start with
+    Kubernetes' own message (``secret "..." not found``)."""
     for secret in kubeflow.secrets:
-        kubernetes.use_secret_as_env(task, secret_name=secret.secret, secret_key_to_env={secret.key: secret.env},
-                                     optional=True)
+        if secret.applies_to(step):
+            kubernetes.use_secret_as_env(task, secret_name=secret.secret, secret_key_to_env={secret.key: secret.env},
+                                         optional=False)
 
 
 def _set_resources(task, resources) -> None:

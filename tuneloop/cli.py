@@ -15,7 +15,7 @@ import click
 from tuneloop.errors import TuneloopError
 
 DEFAULT_CONFIG = "tuneloop.yaml"
-DEFAULT_TRAINING_PIPELINE = "pipelines/training.py"
+DEFAULT_TRAINING_PIPELINE = "training"
 
 config_option = click.option(
     "--config", "config_path", default=DEFAULT_CONFIG, show_default=True, type=click.Path(dir_okay=False),
@@ -84,8 +84,8 @@ def _connect(host, namespace, token_file):
 @click.option("--local", "local_run", is_flag=True, help="Run on this machine through kfp.local.")
 @click.option("--host", default=None, help="Kubeflow Pipelines API URL: run the latest uploaded version there.")
 @config_option
-@click.option("--pipeline", "pipeline_file", default=DEFAULT_TRAINING_PIPELINE, show_default=True,
-              type=click.Path(dir_okay=False), help="Pipeline file to run (--local).")
+@click.option("--pipeline", "pipeline", default=DEFAULT_TRAINING_PIPELINE, show_default=True,
+              help="Shipped pipeline name, or the path of a pipeline file, to run (--local).")
 @click.option("--pipeline-name", default="tuneloop-training", show_default=True, help="Uploaded pipeline (--host).")
 @click.option("--experiment", default="tuneloop", show_default=True, help="KFP experiment (--host).")
 @click.option("--param", "params", multiple=True, help="Run parameter k=v (--host); repeatable.")
@@ -93,7 +93,7 @@ def _connect(host, namespace, token_file):
 @click.option("--base-model", default="", help="Override training.base_model for this run.")
 @click.option("--epochs", default=0, type=click.IntRange(min=0), help="Override training.epochs (0: config).")
 @click.option("--learning-rate", default=0.0, type=click.FloatRange(min=0.0), help="Override training.learning_rate.")
-def run(local_run, host, config_path, pipeline_file, pipeline_name, experiment, params, namespace, token_file,
+def run(local_run, host, config_path, pipeline, pipeline_name, experiment, params, namespace, token_file,
         base_model, epochs, learning_rate) -> None:
     """Run the training pipeline: locally (--local) or on Kubeflow (--host), and say what happened."""
     from tuneloop import registry
@@ -112,20 +112,24 @@ def run(local_run, host, config_path, pipeline_file, pipeline_name, experiment, 
         click.echo(f"started run {run_id} of the latest version of {pipeline_name} on {host}")
         return
     config = load_config(config_path)
-    finished = run_local(config, pipeline_file, base_model=base_model, epochs=epochs, learning_rate=learning_rate)
+    finished = run_local(config, pipeline, base_model=base_model, epochs=epochs, learning_rate=learning_rate)
     click.echo(summarize(finished, registry.list_versions(config)))
 
 
 @cli.command(name="compile")
-@click.argument("pipeline_file", type=click.Path(dir_okay=False))
+@click.argument("pipeline", metavar="PIPELINE")
 @click.option("--output", required=True, type=click.Path(dir_okay=False), help="Where to write the IR YAML.")
 @click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
-              help="Bake this tuneloop.yaml in as the default of the config_json parameter; its kubeflow "
-                   "section sets images, GPU, resources, secrets and retries.")
+              help="Bake this cluster tuneloop.yaml (world: cluster) in as the default of the config_json "
+                   "parameter; its kubeflow section sets images, GPU, resources, secrets and retries. A "
+                   "config whose shared state would be pod-local is refused, one line per field.")
 @click.option("--image", default=None, help="Component image (overrides kubeflow.image).")
 @click.option("--gpu-image", default=None, help="Image of GPU steps (overrides kubeflow.gpu_image).")
-def compile_command(pipeline_file, output, config_path, image, gpu_image) -> None:
-    """Compile a pipeline file to KFP IR YAML for a Kubeflow cluster."""
+def compile_command(pipeline, output, config_path, image, gpu_image) -> None:
+    """Compile PIPELINE to KFP IR YAML for a Kubeflow cluster.
+
+    PIPELINE is a shipped pipeline, ``training`` or ``monitoring``, or the path of a pipeline file.
+    """
     from tuneloop.config import KubeflowConfig, load_config
     from tuneloop.orchestration import compile_pipeline
 
@@ -133,7 +137,7 @@ def compile_command(pipeline_file, output, config_path, image, gpu_image) -> Non
     kubeflow = (config.kubeflow if config else KubeflowConfig()).model_copy()
     kubeflow.image = image or kubeflow.image
     kubeflow.gpu_image = gpu_image or kubeflow.gpu_image
-    click.echo(f"wrote {compile_pipeline(pipeline_file, output, config, kubeflow)}")
+    click.echo(f"wrote {compile_pipeline(pipeline, output, config, kubeflow)}")
 
 
 @cli.command()

@@ -382,7 +382,8 @@ class MonitoringConfig(StrictModel):
     labels (free); ``champion`` with the model's own predictions on the reference texts (computed once
     per version and cached in the state directory).
 
-    ``trigger``: ``local`` runs ``training_pipeline_file`` through ``kfp.local``; ``kubeflow`` starts
+    ``trigger``: ``local`` runs ``training_pipeline_file`` (the shipped ``training`` pipeline, or a
+    pipeline file) through ``kfp.local``; ``kubeflow`` starts
     the latest uploaded version of ``training_pipeline_name`` on ``kubeflow_host`` (empty:
     ``$KF_PIPELINES_ENDPOINT``); ``none`` only alerts. At most one retraining run starts per
     ``cooldown_hours``; the trigger ledger is a JSON file in the state directory (``ledger: file``)
@@ -413,7 +414,9 @@ class MonitoringConfig(StrictModel):
     trigger: Literal["none", "local", "kubeflow"] = "local"
     cooldown_hours: float = Field(24.0, ge=0.0)
     ledger: Literal["database", "registry"] = "database"
-    training_pipeline_file: str = "pipelines/training.py"
+    training_pipeline_file: str = Field(
+        "training", description="A shipped pipeline's name (training), or the path of a pipeline file."
+    )
     training_pipeline_name: str = "tuneloop-training"
     kubeflow_host: str | None = None
     kubeflow_namespace: str | None = None
@@ -465,13 +468,35 @@ class GpuConfig(StrictModel):
     shm_size: str = "8Gi"
 
 
+PIPELINE_STEPS = (
+    "validate_data", "retrieve_features", "finetune", "compress", "evaluate", "register", "deploy",
+    "report_rejection", "notify", "monitor_drift", "notify_drift", "trigger_retraining",
+)
+"""The steps of the shipped pipelines, as ``kubeflow.secrets[].steps`` names them."""
+
+
 class SecretEnvConfig(StrictModel):
     """One environment variable filled from a key of a Kubernetes Secret (the value never leaves the
-    cluster: only these names appear in the compiled YAML)."""
+    cluster: only these names appear in the compiled YAML). The Secret is required: a step whose
+    Secret is missing fails at pod start with Kubernetes' own message. ``steps`` lists the steps that
+    get it (unset: every step)."""
 
     secret: str
     key: str
     env: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    steps: list[str] | None = Field(None, description="Steps that need this Secret; unset: all steps.")
+
+    @field_validator("steps")
+    @classmethod
+    def _known_steps(cls, steps: list[str] | None) -> list[str] | None:
+        unknown = sorted(set(steps or ()) - set(PIPELINE_STEPS))
+        if unknown:
+            raise ValueError(f"unknown steps {unknown}; known: {list(PIPELINE_STEPS)}")
+        return steps
+
+    def applies_to(self, step: str) -> bool:
+        """Whether ``step`` gets this Secret."""
+        return self.steps is None or step in self.steps
 
 
 DEFAULT_SECRETS = [
@@ -479,6 +504,12 @@ DEFAULT_SECRETS = [
     SecretEnvConfig(secret="tuneloop-storage", key="access-key-id", env="AWS_ACCESS_KEY_ID"),
     SecretEnvConfig(secret="tuneloop-storage", key="secret-access-key", env="AWS_SECRET_ACCESS_KEY"),
     SecretEnvConfig(secret="tuneloop-alerts", key="webhook-url", env="TUNELOOP_WEBHOOK_URL"),
+    SecretEnvConfig(secret="tuneloop-state", key="database-url", env="TUNELOOP_DATABASE_URL"),
+    SecretEnvConfig(secret="tuneloop-feast", key="registry-url", env="FEAST_REGISTRY_URL",
+                    steps=["retrieve_features"]),
+    SecretEnvConfig(secret="tuneloop-feast", key="redis-connection", env="FEAST_REDIS_CONNECTION",
+                    steps=["retrieve_features"]),
+    SecretEnvConfig(secret="tuneloop-serving", key="api-key", env="TUNELOOP_API_KEY", steps=["deploy"]),
 ]
 
 

@@ -288,25 +288,27 @@ def build_bento(config: TuneloopConfig, version: str | None = None, *, store_dir
 
 
 def serving_dir() -> Path:
-    """The ``serving/`` folder (``service.py`` + ``bentofile.yaml``): ``$TUNELOOP_SERVING_DIR``, else
-    ``./serving``, else ``serving/`` next to the ``tuneloop`` package or on ``sys.path``.
+    """The ``serving/`` folder (``service.py`` + ``bentofile.yaml``): ``$TUNELOOP_SERVING_DIR`` when set,
+    else the ``serving`` package installed with tuneloop (found with ``importlib.resources``).
 
     Raises:
-        DeploymentError: none of them holds the service.
+        DeploymentError: the folder does not hold the service.
     """
-    candidates = []
-    if os.environ.get(SERVING_DIR_ENV):
-        candidates.append(Path(os.environ[SERVING_DIR_ENV]))
-    candidates.append(Path.cwd() / "serving")
-    candidates.append(Path(__file__).resolve().parents[1] / "serving")
-    candidates += [Path(entry or ".") / "serving" for entry in sys.path]
-    for candidate in candidates:
-        if (candidate / "service.py").is_file() and (candidate / "bentofile.yaml").is_file():
-            return candidate.resolve()
-    raise DeploymentError(
-        f"cannot find the serving/ folder (service.py + bentofile.yaml); run from the repository root or set "
-        f"{SERVING_DIR_ENV}", field=SERVING_DIR_ENV,
-    )
+    import importlib.resources
+
+    configured = os.environ.get(SERVING_DIR_ENV)
+    if configured:
+        candidate = Path(configured)
+    else:
+        try:
+            candidate = Path(str(importlib.resources.files("serving")))
+        except ModuleNotFoundError:
+            raise DeploymentError("the serving package is not installed; reinstall tuneloop (its wheel ships "
+                                  f"serving/) or set {SERVING_DIR_ENV}", field=SERVING_DIR_ENV) from None
+    if (candidate / "service.py").is_file() and (candidate / "bentofile.yaml").is_file():
+        return candidate.resolve()
+    raise DeploymentError(f"{candidate} holds no service.py + bentofile.yaml (the serving/ folder)",
+                          path=str(candidate), field=SERVING_DIR_ENV)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,14 +1,18 @@
 """Loading, compiling and running pipelines.
 
-Pipelines live in the project's ``pipelines/`` folder and import ``components/``; both are loaded by
-path, with the folder above ``pipelines/`` put on ``sys.path``. A local run goes through
-``kfp.local`` with the SubprocessRunner in the current interpreter, so every component body runs
-exactly the code it runs in the cluster image.
+The shipped pipelines are modules of the ``pipelines`` package that the tuneloop wheel installs
+(``pipelines.training``, ``pipelines.monitoring``) and are named by their short name
+(``training``, ``monitoring``); any other pipeline is a file given by its path. Nothing is found by
+scanning ``sys.path`` or the working directory. A local run goes through ``kfp.local`` with the
+SubprocessRunner in the current interpreter, so every component body runs exactly the code it runs
+in the cluster image.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.resources
 import importlib.util
 import io
 import re
@@ -18,67 +22,152 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from tuneloop.config import KubeflowConfig, TuneloopConfig, resolve_base_model
+from tuneloop.config import KubeflowConfig, SecretEnvConfig, TuneloopConfig, resolve_base_model
 from tuneloop.datasets import read_table, require_columns
 from tuneloop.errors import PipelineError
 
 ERROR_LINE = re.compile(r"^tuneloop\.errors\.(\w+): (.*)$")
 
+SHIPPED_PIPELINES = {"training": "pipelines.training", "monitoring": "pipelines.monitoring"}
+"""The pipelines the wheel ships, by the name ``tuneloop compile``/``run`` accept."""
 
-def load_pipeline(pipeline_file: str | Path, kubeflow: KubeflowConfig | None = None):
-    """Import a pipeline file by path and return its ``@dsl.pipeline`` function.
+SERVING_API_KEY_SECRET = ("tuneloop-serving", "api-key")
+"""The Secret and key holding the serving API key (the deploy step's smoke requests send it)."""
 
-    A file that defines ``build_pipeline(kubeflow)`` gets the cluster settings passed in.
+
+def shipped_pipeline_file(name: str) -> Path:
+    """The installed source file of a shipped pipeline (``training`` -> ``.../pipelines/training.py``).
 
     Raises:
-        PipelineError: the file is missing, fails to import, or defines no pipeline.
+        PipelineError: ``name`` is not a shipped pipeline.
     """
-    from kfp.dsl.graph_component import GraphComponent
+    if name not in SHIPPED_PIPELINES:
+        raise PipelineError(f"unknown pipeline {name!r}: the shipped ones are {', '.join(SHIPPED_PIPELINES)}",
+                            path=name)
+    return Path(str(importlib.resources.files("pipelines").joinpath(f"{name}.py")))
 
-    path = Path(pipeline_file).resolve()
+
+def load_pipeline(pipeline: str | Path, kubeflow: KubeflowConfig | None = None):
+    """Return the ``@dsl.pipeline`` function of a shipped pipeline (by name) or of a pipeline file.
+
+    ``pipeline`` is ``training`` or ``monitoring`` (imported as ``pipelines.<name>``), or the path of
+    a ``.py`` file. A module that defines ``build_pipeline(kubeflow)`` gets the cluster settings.
+
+    Raises:
+        PipelineError: an unknown name, a missing file, an import error, or no pipeline in it.
+    """
+    if str(pipeline) in SHIPPED_PIPELINES:
+        name = str(pipeline)
+        try:
+            module = importlib.import_module(SHIPPED_PIPELINES[name])
+        except ImportError as error:
+            raise PipelineError(f"cannot import the shipped pipeline {name!r}: {error}", path=name) from error
+        return _pipeline_of(module, name, kubeflow)
+    path = Path(pipeline).expanduser()
     if not path.is_file():
-        raise PipelineError(f"pipeline file not found: {pipeline_file}", path=str(pipeline_file))
-    project_root = str(path.parent.parent)
-    if project_root not in sys.path:
-        sys.path.insert(0, project_root)
-    module_name = f"_tuneloop_pipeline_{path.stem}"
-    spec = importlib.util.spec_from_file_location(module_name, path)
+        hint = "" if path.suffix == ".py" else f" (the shipped pipelines are {', '.join(SHIPPED_PIPELINES)})"
+        raise PipelineError(f"pipeline file not found: {pipeline}{hint}", path=str(pipeline))
+    path = path.resolve()
+    spec = importlib.util.spec_from_file_location(f"_tuneloop_pipeline_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
     except Exception as error:
         raise PipelineError(f"cannot import pipeline file {path}: {error}", path=str(path)) from error
+    return _pipeline_of(module, path.stem, kubeflow, where=str(path))
+
+
+def _pipeline_of(module, stem: str, kubeflow: KubeflowConfig | None, *, where: str | None = None):
+    from kfp.dsl.graph_component import GraphComponent
+
     if kubeflow is not None and hasattr(module, "build_pipeline"):
         return module.build_pipeline(kubeflow)
     pipelines = [value for value in vars(module).values() if isinstance(value, GraphComponent)]
     if not pipelines:
-        raise PipelineError(f"{path} defines no @dsl.pipeline function", path=str(path))
-    preferred = [p for p in pipelines if p.name.endswith(path.stem) or path.stem in p.name]
+        raise PipelineError(f"{where or module.__name__} defines no @dsl.pipeline function", path=where or stem)
+    preferred = [p for p in pipelines if p.name.endswith(stem) or stem in p.name]
     return (preferred or pipelines)[0]
 
 
 def compile_pipeline(
-    pipeline_file: str | Path,
+    pipeline: str | Path,
     output: str | Path,
     config: TuneloopConfig | None = None,
     kubeflow: KubeflowConfig | None = None,
 ) -> Path:
-    """Compile a pipeline file to KFP IR YAML.
+    """Compile a shipped pipeline (``training``, ``monitoring``) or a pipeline file to KFP IR YAML.
 
     Args:
         config: becomes the default of the ``config_json`` parameter; its ``kubeflow`` section
-            sets images, GPU, resources, secrets and retries unless ``kubeflow`` is given.
+            sets images, GPU, resources, secrets and retries unless ``kubeflow`` is given. It must
+            be a coherent cluster config (:func:`tuneloop.world.require_cluster_ready`), and every
+            credential it names by environment variable must come from one of ``kubeflow.secrets``.
         kubeflow: cluster settings to compile with.
+
+    Raises:
+        ConfigError: the config would keep shared state on one pod, or names a credential variable
+            that no Secret fills.
+        PipelineError: the pipeline cannot be loaded.
     """
     from kfp import compiler
 
     kubeflow = kubeflow or (config.kubeflow if config is not None else None)
-    pipeline = load_pipeline(pipeline_file, kubeflow)
+    if config is not None:
+        from tuneloop.world import require_cluster_ready
+
+        require_cluster_ready(config, action="compile")
+        kubeflow = with_serving_api_key(kubeflow, config.deployment.api_key_env)
+        require_credential_secrets(config, kubeflow)
+    pipeline = load_pipeline(pipeline, kubeflow)
     parameters = {"config_json": config.to_json()} if config is not None else None
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(pipeline, str(output), pipeline_parameters=parameters)
     return output
+
+
+def with_serving_api_key(kubeflow: KubeflowConfig, api_key_env: str) -> KubeflowConfig:
+    """``kubeflow`` with the serving API key Secret given to the ``deploy`` step as ``api_key_env``,
+    unless an entry of ``kubeflow.secrets`` already fills that variable for ``deploy``."""
+    if any(secret.env == api_key_env and secret.applies_to("deploy") for secret in kubeflow.secrets):
+        return kubeflow
+    name, key = SERVING_API_KEY_SECRET
+    entry = SecretEnvConfig(secret=name, key=key, env=api_key_env, steps=["deploy"])
+    return kubeflow.model_copy(update={"secrets": [*kubeflow.secrets, entry]})
+
+
+def credential_variables(config: TuneloopConfig) -> dict[str, str]:
+    """The environment variables holding credentials that the config names, by config field."""
+    named = {
+        "state.database_url_env": config.state.database_url_env,
+        "features.registry_url_env": config.features.registry_url_env,
+        "features.redis_connection_env": config.features.redis_connection_env,
+        "deployment.api_key_env": config.deployment.api_key_env,
+    }
+    return {field: env for field, env in named.items() if env}
+
+
+def require_credential_secrets(config: TuneloopConfig, kubeflow: KubeflowConfig) -> None:
+    """Refuse a cluster config that names a credential variable no ``kubeflow.secrets`` entry fills
+    (the step would start without it and fail far from the cause).
+
+    Raises:
+        ConfigError: one line per unfilled variable, naming the field and the entry it needs.
+    """
+    from tuneloop.errors import ConfigError
+
+    filled = {secret.env for secret in kubeflow.secrets}
+    problems = [
+        f"{field}: {env!r} is filled by no kubeflow.secrets entry; add "
+        f"{{secret: <Secret name>, key: <key>, env: {env}}}"
+        for field, env in credential_variables(config).items() if env not in filled
+    ]
+    if problems:
+        raise ConfigError(
+            f"cannot compile for a cluster: {len(problems)} credential variable(s) come from no Secret:\n"
+            + "\n".join(f"  - {problem}" for problem in problems),
+            field="kubeflow.secrets",
+        )
 
 
 def preflight(config: TuneloopConfig, base_model: str | None = None) -> None:
@@ -111,13 +200,14 @@ class LocalRun:
 
 def run_local(
     config: TuneloopConfig,
-    pipeline_file: str | Path,
+    pipeline: str | Path = "training",
     *,
     base_model: str = "",
     epochs: int = 0,
     learning_rate: float = 0.0,
 ) -> LocalRun:
-    """Run the training pipeline through ``kfp.local`` in this interpreter.
+    """Run a pipeline (the shipped ``training`` by default, or a pipeline file) through ``kfp.local``
+    in this interpreter.
 
     Raises:
         PipelineError: a task failed; the message carries the task's own tuneloop error.
@@ -125,7 +215,7 @@ def run_local(
     from kfp import local
 
     preflight(config, base_model)
-    pipeline = load_pipeline(pipeline_file)
+    pipeline = load_pipeline(pipeline)
     pipeline_root = Path(config.state_dir) / "pipeline_root"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
     before = set(pipeline_root.glob("*")) if pipeline_root.exists() else set()

@@ -166,6 +166,12 @@ def render_config(name: str, classes: list[str]) -> str:
     return f"""# tuneloop project configuration. Reference: README.md, "Configuration".
 # Relative data paths are relative to this file; state_dir is relative to the working directory.
 name: {name}
+# local: one machine, all shared state under state_dir (SQLite, Parquet), zero set-up.
+# cluster: every step, replica and monitor is its own pod; `tuneloop compile` then needs every
+# shared piece in a service (README, "Two worlds"): s3:// data, prediction_log_uri and
+# features.offline_uri, an http(s) registry.tracking_uri, state.database_url_env,
+# features.registry_url_env / redis_connection_env and monitoring.trigger: kubeflow.
+world: local
 state_dir: .tuneloop
 
 data:
@@ -212,6 +218,14 @@ registry:
   model_name: {name}
   experiment: {name}
   # tracking_uri: http://mlflow:5000   # default: sqlite in state_dir
+
+monitoring:
+  trigger: local                   # local: retrain here (kfp.local) | kubeflow: through the KFP API | none
+  ledger: database                 # the retraining ledger and cooldown lock, in the state database
+  training_pipeline_file: training # the shipped training pipeline (or the path of a pipeline file)
+
+# state:                           # ledger, locks, alert spool, deploy outcomes, champion history
+#   database_url_env: TUNELOOP_DATABASE_URL   # cluster: env var holding the Postgres URL; default: sqlite in state_dir
 """
 
 

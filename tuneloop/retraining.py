@@ -262,20 +262,23 @@ LAUNCHERS: dict[str, Launcher] = {"local": launch_local, "kubeflow": launch_kube
 
 
 def training_pipeline_path(config: TuneloopConfig) -> Path:
-    """``monitoring.training_pipeline_file``: as given when absolute, else against the working
-    directory, else against the project checkout this package lives in.
+    """``monitoring.training_pipeline_file``: a shipped pipeline's name (``training``, found in the
+    installed ``pipelines`` package), else a file path, absolute or against the working directory.
 
     Raises:
-        PipelineError: the file exists in none of those places.
+        PipelineError: the file does not exist.
     """
-    configured = Path(config.monitoring.training_pipeline_file)
-    candidates = [configured] if configured.is_absolute() else [
-        Path.cwd() / configured, Path(__file__).resolve().parents[1] / configured]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
+    from tuneloop.orchestration import SHIPPED_PIPELINES, shipped_pipeline_file
+
+    configured = config.monitoring.training_pipeline_file
+    if configured in SHIPPED_PIPELINES:
+        return shipped_pipeline_file(configured)
+    path = Path(configured).expanduser()
+    if path.is_file():
+        return path.resolve()
     raise PipelineError(
-        f"training pipeline file not found: {configured} (monitoring.training_pipeline_file)",
+        f"training pipeline file not found: {configured} (monitoring.training_pipeline_file; the shipped "
+        f"pipeline is 'training')",
         stage=STAGE, path=str(configured), field="monitoring.training_pipeline_file",
     )
 

@@ -1,24 +1,21 @@
 """Cluster settings in the compiled YAML: GPU, secrets by reference only, retries, caching, images."""
 
-from pathlib import Path
-
 import pytest
 import yaml
 from google.protobuf import json_format
 from kfp.kubernetes import kubernetes_executor_config_pb2
 from kfp.pipeline_spec import pipeline_spec_pb2
 
-from tuneloop.config import parse_config
+from tests.pipelines.conftest import cluster_config
 from tuneloop.orchestration import compile_pipeline
 
-ROOT = Path(__file__).resolve().parents[2]
 SECRET_VALUE = "s3cr3t-planted-value-9b1f"
 
 
-def compile_with(tmp_path, kubeflow: dict) -> tuple[pipeline_spec_pb2.PipelineSpec, dict, str]:
-    config = parse_config({"name": "sms", "data": {"texts": "t.parquet", "labels": "l.parquet", "classes": ["a", "b"]},
-                           "kubeflow": kubeflow}, source="test")
-    output = compile_pipeline(ROOT / "pipelines" / "training.py", tmp_path / "training.yaml", config)
+def compile_with(tmp_path, kubeflow: dict, pipeline: str = "training",
+                 **sections) -> tuple[pipeline_spec_pb2.PipelineSpec, dict, str]:
+    config = cluster_config(kubeflow=kubeflow, **sections)
+    output = compile_pipeline(pipeline, tmp_path / f"{pipeline}.yaml", config)
     text = output.read_text()
     documents = list(yaml.safe_load_all(text))
     spec = pipeline_spec_pb2.PipelineSpec()
@@ -90,7 +87,8 @@ def test_retries_on_transient_steps_and_no_caching(gpu_compiled):
 
 
 def test_secrets_are_referenced_by_name_only(tmp_path, monkeypatch):
-    for variable in ("MLFLOW_TRACKING_TOKEN", "AWS_SECRET_ACCESS_KEY", "TUNELOOP_WEBHOOK_URL", "TUNELOOP_KFP_TOKEN"):
+    for variable in ("MLFLOW_TRACKING_TOKEN", "AWS_SECRET_ACCESS_KEY", "TUNELOOP_WEBHOOK_URL", "TUNELOOP_KFP_TOKEN",
+                     "TUNELOOP_DATABASE_URL", "FEAST_REGISTRY_URL", "FEAST_REDIS_CONNECTION", "TUNELOOP_API_KEY"):
         monkeypatch.setenv(variable, SECRET_VALUE)
     spec, platform, text = compile_with(tmp_path, {})
     assert SECRET_VALUE not in text
@@ -99,3 +97,84 @@ def test_secrets_are_referenced_by_name_only(tmp_path, monkeypatch):
                    s["keyToEnv"][0]["envVar"]) for s in register["secretAsEnv"]}
     assert ("tuneloop-mlflow", "MLFLOW_TRACKING_TOKEN") in references
     assert ("tuneloop-alerts", "TUNELOOP_WEBHOOK_URL") in references
+
+
+def secret_refs(platform: dict, label: str) -> set[tuple[str, str, str]]:
+    """(Secret, key, env var) of every secretAsEnv of one executor; each one must not be optional."""
+    refs = set()
+    for entry in platform[label].get("secretAsEnv", []):
+        assert entry["optional"] is False, f"{label}: Secret {entry['secretName']} is optional"
+        name = entry["secretNameParameter"]["runtimeValue"]["constant"]
+        refs.update((name, item["secretKey"], item["envVar"]) for item in entry["keyToEnv"])
+    return refs
+
+
+@pytest.fixture(scope="module")
+def default_compiled(tmp_path_factory):
+    return compile_with(tmp_path_factory.mktemp("default"), {})
+
+
+def test_every_step_gets_its_secrets_required_and_by_reference(default_compiled):
+    spec, platform, _ = default_compiled
+    storage = {("tuneloop-storage", "access-key-id", "AWS_ACCESS_KEY_ID"),
+               ("tuneloop-storage", "secret-access-key", "AWS_SECRET_ACCESS_KEY")}
+    state = ("tuneloop-state", "database-url", "TUNELOOP_DATABASE_URL")
+    feast = {("tuneloop-feast", "registry-url", "FEAST_REGISTRY_URL"),
+             ("tuneloop-feast", "redis-connection", "FEAST_REDIS_CONNECTION")}
+    api_key = ("tuneloop-serving", "api-key", "TUNELOOP_API_KEY")
+    for task in ("validate-data", "retrieve-features", "finetune", "compress", "evaluate", "register", "deploy",
+                 "report-rejection", "notify"):
+        refs = secret_refs(platform, executor_of(spec, task))
+        assert storage <= refs and state in refs, task
+        assert ("tuneloop-mlflow", "token", "MLFLOW_TRACKING_TOKEN") in refs, task
+        assert (feast <= refs) == (task == "retrieve-features"), task
+        assert (api_key in refs) == (task == "deploy"), f"{task}: only deploy sends the serving API key"
+
+
+def test_deploy_gets_the_api_key_under_the_configured_variable(tmp_path):
+    spec, platform, _ = compile_with(tmp_path, {}, deployment={"api_key_env": "SMS_SERVING_KEY"})
+    assert ("tuneloop-serving", "api-key", "SMS_SERVING_KEY") in secret_refs(platform, executor_of(spec, "deploy"))
+    assert not any(env == "SMS_SERVING_KEY" for _, _, env in secret_refs(platform, executor_of(spec, "register")))
+
+
+def test_secret_steps_restrict_a_secret_to_the_steps_listed(tmp_path):
+    secrets = [{"secret": "tuneloop-state", "key": "database-url", "env": "TUNELOOP_DATABASE_URL",
+                "steps": ["deploy", "notify"]},
+               {"secret": "tuneloop-feast", "key": "registry-url", "env": "FEAST_REGISTRY_URL"},
+               {"secret": "tuneloop-feast", "key": "redis-connection", "env": "FEAST_REDIS_CONNECTION"}]
+    spec, platform, _ = compile_with(tmp_path, {"secrets": secrets})
+    for task, expected in (("deploy", True), ("notify", True), ("register", False), ("finetune", False)):
+        refs = secret_refs(platform, executor_of(spec, task))
+        assert (("tuneloop-state", "database-url", "TUNELOOP_DATABASE_URL") in refs) == expected, task
+        assert ("tuneloop-feast", "registry-url", "FEAST_REGISTRY_URL") in refs, f"{task}: no steps means all"
+
+
+def test_monitoring_steps_get_the_state_database_and_storage(tmp_path):
+    spec, platform, text = compile_with(tmp_path, {}, pipeline="monitoring")
+    for task in ("monitor-drift", "notify-drift", "trigger-retraining", "notify"):
+        refs = secret_refs(platform, executor_of(spec, task))
+        assert ("tuneloop-state", "database-url", "TUNELOOP_DATABASE_URL") in refs, task
+        assert ("tuneloop-storage", "access-key-id", "AWS_ACCESS_KEY_ID") in refs, task
+        assert not any(secret == "tuneloop-serving" for secret, _, _ in refs), task
+
+
+def test_unknown_secret_step_is_a_config_error():
+    from tuneloop.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"kubeflow\.secrets\.0\.steps.*unknown steps \['deplyo'\]"):
+        cluster_config(kubeflow={"secrets": [{"secret": "s", "key": "k", "env": "E", "steps": ["deplyo"]}]})
+
+
+@pytest.mark.parametrize("field, section", [
+    ("state.database_url_env", {"state": {"database_url_env": "SMS_DATABASE_URL"}}),
+    ("features.registry_url_env", {"features": {"registry_url_env": "SMS_FEAST_REGISTRY"}}),
+    ("features.redis_connection_env", {"features": {"redis_connection_env": "SMS_REDIS"}}),
+])
+def test_a_credential_variable_no_secret_fills_is_refused(tmp_path, field, section):
+    from tuneloop.errors import ConfigError
+
+    with pytest.raises(ConfigError) as raised:
+        compile_with(tmp_path, {}, **section)
+    lines = str(raised.value).splitlines()
+    assert len(lines) == 2 and lines[1].startswith(f"  - {field}: ") and "kubeflow.secrets" in lines[1]
+    assert not (tmp_path / "training.yaml").exists()

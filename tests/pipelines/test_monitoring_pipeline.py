@@ -1,20 +1,15 @@
 """The monitoring pipeline compiles and parses strictly; retraining sits under the drift condition."""
 
-from pathlib import Path
-
 import yaml
 from google.protobuf import json_format
 from kfp.pipeline_spec import pipeline_spec_pb2
 
-from tuneloop.config import parse_config
+from tests.pipelines.conftest import cluster_config
 from tuneloop.orchestration import compile_pipeline
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_monitoring_pipeline_compiles_with_trigger_under_drift(tmp_path):
-    config = parse_config({"name": "sms", "data": {"texts": "t", "labels": "l", "classes": ["a", "b"]}}, source="t")
-    output = compile_pipeline(ROOT / "pipelines" / "monitoring.py", tmp_path / "monitoring.yaml", config)
+    output = compile_pipeline("monitoring", tmp_path / "monitoring.yaml", cluster_config())
     spec = pipeline_spec_pb2.PipelineSpec()
     json_format.ParseDict(next(yaml.safe_load_all(output.read_text())), spec, ignore_unknown_fields=False)
     assert spec.pipeline_info.name == "tuneloop-monitoring"

@@ -7,11 +7,8 @@ import yaml
 from google.protobuf import json_format
 from kfp.pipeline_spec import pipeline_spec_pb2
 
-from tuneloop.config import parse_config
+from tests.pipelines.conftest import ROOT, cluster_config
 from tuneloop.orchestration import compile_pipeline
-
-ROOT = Path(__file__).resolve().parents[2]
-PIPELINE = ROOT / "pipelines" / "training.py"
 
 
 def parse_strictly(path: Path) -> pipeline_spec_pb2.PipelineSpec:
@@ -25,10 +22,15 @@ def parse_strictly(path: Path) -> pipeline_spec_pb2.PipelineSpec:
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory) -> pipeline_spec_pb2.PipelineSpec:
     output = tmp_path_factory.mktemp("compiled") / "training.yaml"
-    config = parse_config({"name": "sms", "data": {"texts": "t.parquet", "labels": "l.parquet", "classes": ["a", "b"]}},
-                          source="test")
-    compile_pipeline(PIPELINE, output, config)
+    compile_pipeline("training", output, cluster_config())
     return parse_strictly(output)
+
+
+def test_a_path_to_the_pipeline_file_compiles_the_same_pipeline(compiled, tmp_path):
+    output = compile_pipeline(ROOT / "pipelines" / "training.py", tmp_path / "by-path.yaml", cluster_config())
+    by_path = parse_strictly(output)
+    assert by_path.pipeline_info.name == compiled.pipeline_info.name == "tuneloop-training"
+    assert set(by_path.components) == set(compiled.components)
 
 
 def test_every_stage_is_a_task(compiled):

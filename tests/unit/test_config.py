@@ -19,7 +19,7 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_minimal_config_fills_defaults_and_resolves_paths(tmp_path):
     path = write(tmp_path, "name: demo\ndata: {texts: data/t.parquet, labels: l.parquet, classes: [a, b]}\n")
     config = load_config(path)
-    assert config.data.texts == (tmp_path / "data/t.parquet").resolve()
+    assert config.data.texts == str((tmp_path / "data/t.parquet").resolve())
     assert config.training.base_model == PRETRAINED_PACKAGE_MODEL
     assert config.evaluation.thresholds == {"macro_f1": 0.9}
     assert config.state_dir.is_absolute()
@@ -66,3 +66,12 @@ def test_base_model_must_exist(tmp_path):
     with pytest.raises(ConfigError, match="no config.json"):
         resolve_base_model(str(tmp_path / "empty"))
     assert (resolve_base_model(PRETRAINED_PACKAGE_MODEL) / "config.json").is_file()
+
+
+def test_retraining_runs_the_shipped_training_pipeline_by_default():
+    config = parse_config(MINIMAL, source="test")
+    assert config.monitoring.training_pipeline_file == "training"
+    deploy_secrets = [s for s in config.kubeflow.secrets if s.applies_to("deploy")]
+    assert ("tuneloop-serving", "api-key", config.deployment.api_key_env) in {(s.secret, s.key, s.env)
+                                                                              for s in deploy_secrets}
+    assert all(s.steps is None or s.steps for s in config.kubeflow.secrets)

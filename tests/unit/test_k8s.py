@@ -20,6 +20,8 @@ import pytest
 import yaml
 
 from tuneloop.config import parse_config
+from tuneloop.orchestration import credential_variables
+from tuneloop.world import cluster_problems, is_object_store_uri
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
@@ -31,9 +33,12 @@ KUBERNETES_VERSION = "1.30.0"
 """The oldest Kubernetes the manifests claim (CronJob timeZone, HPA v2, PDB v1 all GA by then)."""
 
 SERVING = "tuneloop-serving"
-SECRET_LIKE_ENV = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|WEBHOOK|BACKEND_STORE")
+SECRET_LIKE_ENV = re.compile(
+    r"TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|WEBHOOK|BACKEND_STORE|DATABASE_URL|REGISTRY_URL|REDIS_CONNECTION"
+)
 """Environment variables that carry a credential; ``*_PATH``/``*_FILE`` ones only name a mounted file."""
 POD_TEMPLATE_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob"}
+MONITOR = "tuneloop-drift-monitor"
 
 
 def _tool(name: str) -> str | None:
@@ -102,6 +107,18 @@ def _container(obj: dict, name: str) -> dict:
 
 def _env(container: dict) -> dict[str, dict]:
     return {item["name"]: item for item in container.get("env", [])}
+
+
+def _cluster_config(objects: list[dict], overlay: str):
+    """The tuneloop.yaml of the rendered ConfigMap tuneloop-config, parsed."""
+    text = _configmap(objects, "tuneloop-config")["data"]["tuneloop.yaml"]
+    return parse_config(yaml.safe_load(text), source=f"{overlay}: ConfigMap tuneloop-config")
+
+
+def _secret_refs(container: dict) -> dict[str, dict]:
+    """env name -> its secretKeyRef, for the variables filled from Secrets."""
+    return {name: item["valueFrom"]["secretKeyRef"] for name, item in _env(container).items()
+            if "secretKeyRef" in item.get("valueFrom", {})}
 
 
 def _quantity_as_float(value: str | int) -> float:
@@ -190,19 +207,20 @@ def test_serving_writes_only_to_mounted_scratch_volumes(overlay: str, kubectl: s
     deployment = _one(objects, "Deployment", SERVING)
     volumes = {v["name"]: v for v in _pod_spec(deployment)["volumes"]}
     mounts = {m["mountPath"]: m for m in _container(deployment, "serving")["volumeMounts"]}
-    for path in ("/tmp", "/var/cache/tuneloop", "/var/lib/tuneloop", "/var/lib/tuneloop/state/predictions"):
+    for path in ("/tmp", "/var/cache/tuneloop", "/var/lib/tuneloop"):
         assert path in mounts, f"no writable mount at {path}"
         assert "emptyDir" in volumes[mounts[path]["name"]], f"{path} is not an emptyDir"
         assert "sizeLimit" in volumes[mounts[path]["name"]]["emptyDir"], f"{path} has no size limit"
     config = mounts["/etc/tuneloop"]
     assert config["readOnly"] is True and "configMap" in volumes[config["name"]]
+    assert set(mounts) == {"/etc/tuneloop", "/tmp", "/var/cache/tuneloop", "/var/lib/tuneloop"}, "scratch only"
 
-    # tuneloop.yaml's state_dir (model download) and its default prediction log lie on those volumes.
-    configmap_name = volumes[config["name"]]["configMap"]["name"]
-    configmap = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == configmap_name)
-    state_dir = Path(yaml.safe_load(configmap["data"]["tuneloop.yaml"])["state_dir"])
-    assert state_dir.is_relative_to("/var/lib/tuneloop")
-    assert str(state_dir / "predictions") in mounts
+    # tuneloop.yaml's relative state_dir (per-pod scratch: the model download) lies on the scratch
+    # emptyDir; the prediction log is not on any volume of the pod.
+    cluster = _cluster_config(objects, overlay)
+    assert not Path(cluster.state_dir).is_absolute()
+    assert _env(_container(deployment, "serving"))["TUNELOOP_WORKDIR"]["value"] == "/var/lib/tuneloop"
+    assert is_object_store_uri(cluster.deployment.prediction_log_uri)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -231,6 +249,9 @@ def test_serving_command_env_and_model_version(overlay: str, kubectl: str) -> No
         ("MLFLOW_TRACKING_TOKEN", "tuneloop-mlflow"),
         ("AWS_ACCESS_KEY_ID", "tuneloop-storage"),
         ("AWS_SECRET_ACCESS_KEY", "tuneloop-storage"),
+        ("TUNELOOP_DATABASE_URL", "tuneloop-state"),
+        ("FEAST_REGISTRY_URL", "tuneloop-feast"),
+        ("FEAST_REDIS_CONNECTION", "tuneloop-feast"),
     ):
         assert env[name]["valueFrom"]["secretKeyRef"]["name"] == secret, name
 
@@ -262,7 +283,9 @@ def test_service_hpa_pdb_and_network_policy(overlay: str, kubectl: str) -> None:
     for rule in policy["spec"]["ingress"]:
         assert rule["ports"] == [{"protocol": "TCP", "port": 3000}]
     egress_ports = {(p["protocol"], p["port"]) for rule in policy["spec"]["egress"] for p in rule["ports"]}
-    assert egress_ports == {("UDP", 53), ("TCP", 53), ("TCP", 5000)}, "DNS and MLflow only"
+    assert egress_ports == {("UDP", 53), ("TCP", 53), ("TCP", 5000), ("TCP", 5432), ("TCP", 6379), ("TCP", 443)}, (
+        "DNS, MLflow, Postgres, Redis and the object store only"
+    )
 
 
 # --- RBAC, secrets, pod security -----------------------------------------------------------------
@@ -314,7 +337,13 @@ def test_no_secret_values_are_rendered(overlay: str, kubectl: str) -> None:
                 ):
                     assert "secretKeyRef" in item.get("valueFrom", {}), f"{name} must come from a Secret"
     for configmap in (o for o in objects if o["kind"] == "ConfigMap"):
-        text = yaml.safe_dump(configmap.get("data", {}))
+        data = dict(configmap.get("data", {}))
+        if "tuneloop.yaml" in data:  # kubeflow.secrets only names Secrets (secret: <name>, key: <key>)
+            tuneloop_yaml = yaml.safe_load(data["tuneloop.yaml"])
+            references = tuneloop_yaml.get("kubeflow", {}).pop("secrets", [])
+            assert all(set(entry) <= {"secret", "key", "env", "steps"} for entry in references), references
+            data["tuneloop.yaml"] = tuneloop_yaml
+        text = yaml.safe_dump(data)
         assert not re.search(r"(password|secret|token)\s*[:=]\s*\S", text, re.IGNORECASE), configmap["metadata"]
     sources = [p for p in K8S.rglob("kustomization.yaml")]
     assert sources and not any("secretGenerator" in p.read_text(encoding="utf-8") for p in sources)
@@ -389,24 +418,60 @@ def test_drift_monitor_cronjob_runs_tuneloop_monitor_hourly(overlay: str, kubect
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_config_map_holds_a_valid_tuneloop_yaml(overlay: str, kubectl: str) -> None:
+def test_config_map_holds_a_coherent_cluster_config(overlay: str, kubectl: str) -> None:
     objects = _objects(kubectl, overlay)
-    configmap = _configmap(objects, "tuneloop-config")
-    text = configmap["data"]["tuneloop.yaml"]
+    text = _configmap(objects, "tuneloop-config")["data"]["tuneloop.yaml"]
     assert not re.search(r"<[^>]+>|CHANGE_?ME|TODO|REPLACE", text, re.IGNORECASE), "no placeholders"
-    config = parse_config(yaml.safe_load(text), source=f"{overlay}: ConfigMap tuneloop-config")
-    assert config.data.texts.is_absolute() and config.data.labels.is_absolute()
-    assert Path(config.state_dir).is_absolute()
+    config = _cluster_config(objects, overlay)
+    assert config.world == "cluster"
+    assert cluster_problems(config) == []
+    assert (config.monitoring.trigger, config.monitoring.ledger) == ("kubeflow", "database")
+    for location in (config.data.texts, config.data.labels, config.features.offline_uri,
+                     config.deployment.prediction_log_uri):
+        assert location.startswith("s3://"), location
 
     settings = _configmap(objects, "tuneloop-settings")
     assert config.registry.tracking_uri == settings["data"]["MLFLOW_TRACKING_URI"]
     assert config.registry.tracking_uri.startswith("http://tuneloop-mlflow.tuneloop.svc")
 
-    monitor = _one(objects, "CronJob", "tuneloop-drift-monitor")
-    mounts = {m["mountPath"]: m["name"] for m in _container(monitor, "monitor")["volumeMounts"]}
-    assert "/data" in mounts and str(config.state_dir).startswith("/var/lib/tuneloop")
-    volumes = {v["name"]: v for v in _pod_spec(monitor)["volumes"]}
-    assert volumes[mounts["/etc/tuneloop"]]["configMap"]["name"] == configmap["metadata"]["name"]
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_serving_and_monitor_share_log_and_ledger_by_configuration(overlay: str, kubectl: str) -> None:
+    """Both read the same ConfigMap (one prediction-log URI, one state database) and get every
+    credential it names from the same Secret keys as the pipeline steps, none optional."""
+    objects = _objects(kubectl, overlay)
+    config = _cluster_config(objects, overlay)
+    configmap_name = _configmap(objects, "tuneloop-config")["metadata"]["name"]
+    pipeline_secrets = {entry.env: (entry.secret, entry.key) for entry in config.kubeflow.secrets}
+    needed = set(credential_variables(config).values())
+    assert needed >= {"TUNELOOP_DATABASE_URL", "FEAST_REGISTRY_URL", "FEAST_REDIS_CONNECTION"}
+    for kind, name, container_name in (("Deployment", SERVING, "serving"), ("CronJob", MONITOR, "monitor")):
+        workload = _one(objects, kind, name)
+        container = _container(workload, container_name)
+        volumes = {v["name"]: v for v in _pod_spec(workload)["volumes"]}
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        assert volumes[mounts["/etc/tuneloop"]]["configMap"]["name"] == configmap_name, name
+        assert _env(container)["TUNELOOP_CONFIG"]["value"] == "/etc/tuneloop/tuneloop.yaml", name
+        assert all("persistentVolumeClaim" not in v for v in volumes.values()), f"{name}: no pod-bound state"
+        references = _secret_refs(container)
+        for reference in references.values():
+            assert not reference.get("optional", False), f"{name}: {reference} must not be optional"
+        for env in needed - ({"TUNELOOP_API_KEY"} if name == MONITOR else set()):
+            assert env in references, f"{name} lacks {env}"
+            assert (references[env]["name"], references[env]["key"]) == pipeline_secrets[env], env
+
+
+def test_drift_monitor_network_policy_allows_only_its_services(kubectl: str) -> None:
+    objects = _objects(kubectl, "production")
+    policy = _one(objects, "NetworkPolicy", MONITOR)
+    selector = _pod_spec(_one(objects, "CronJob", MONITOR))
+    assert policy["spec"]["podSelector"]["matchLabels"] == {
+        "app.kubernetes.io/name": MONITOR, "app.kubernetes.io/component": "monitor"}
+    assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"} and not policy["spec"].get("ingress")
+    egress_ports = {(p["protocol"], p["port"]) for rule in policy["spec"]["egress"] for p in rule["ports"]}
+    assert egress_ports == {("UDP", 53), ("TCP", 53), ("TCP", 5000), ("TCP", 5432), ("TCP", 6379),
+                            ("TCP", 8888), ("TCP", 443)}
+    assert selector["serviceAccountName"] == "tuneloop-monitor"
 
 
 # --- what each overlay is for ---------------------------------------------------------------------

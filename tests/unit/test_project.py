@@ -6,6 +6,7 @@ import pytest
 from tuneloop.config import load_config
 from tuneloop.errors import ConfigError, DataError
 from tuneloop.project import init_project, stable_text_id
+from tuneloop.world import cluster_problems
 
 
 def sms_like_csv(tmp_path, rows):
@@ -29,7 +30,7 @@ def test_init_derives_ids_timestamps_and_drops_duplicates(tmp_path):
     assert str(texts["event_timestamp"].dt.tz) == "UTC"
     config = load_config(summary.config_path)
     assert config.data.classes == ["ham", "spam"] and config.registry.model_name == "sms"
-    assert config.data.texts == summary.texts_path.resolve()
+    assert config.data.texts == str(summary.texts_path.resolve())
 
 
 def test_init_keeps_given_ids_and_timestamps_multiclass(tmp_path):
@@ -56,3 +57,20 @@ def test_init_errors_name_the_problem(tmp_path):
     init_project(data, text_column="text", label_column="spam", directory=tmp_path)
     with pytest.raises(ConfigError, match="exists already"):
         init_project(data, text_column="text", label_column="spam", directory=tmp_path)
+
+
+def test_init_writes_a_local_world_config_that_compile_would_refuse(tmp_path):
+    """The init config is the zero-set-up local world, with the shipped training pipeline for retraining;
+    switched to world: cluster, every pod-local field is named."""
+    data = sms_like_csv(tmp_path, [(0, "hi there"), (1, "WIN cash"), (0, "lunch?")])
+    summary = init_project(data, text_column="text", label_column="spam", label_names=["ham", "spam"],
+                           name="sms", directory=tmp_path / "project")
+    config = load_config(summary.config_path)
+    assert config.world == "local" and config.state.database_url_env is None
+    assert (config.monitoring.trigger, config.monitoring.ledger) == ("local", "database")
+    assert config.monitoring.training_pipeline_file == "training"
+    text = summary.config_path.read_text(encoding="utf-8").replace("world: local", "world: cluster")
+    summary.config_path.write_text(text, encoding="utf-8")
+    fields = {problem.split(":", 1)[0] for problem in cluster_problems(load_config(summary.config_path))}
+    assert {"data.texts", "data.labels", "deployment.prediction_log_uri", "registry.tracking_uri",
+            "state.database_url_env", "monitoring.trigger"} <= fields
