@@ -16,16 +16,21 @@ def finetune(
     base_model: str = "",
     epochs: int = 0,
     learning_rate: float = 0.0,
+    pipeline_run: str = "",
+    task_name: str = "finetune",
 ):
     """Fine-tune a transformer for sequence classification (full or LoRA) on the train split.
 
-    Uses CUDA with bf16 autocast when a GPU is present, CPU otherwise. Writes a Hugging Face
-    checkpoint (safetensors) plus tuneloop.json. Empty/zero overrides keep the config's values.
+    Trains in this pod (``training.backend: pod``; ``training.processes`` > 1 runs DDP through
+    torchrun) or in a Kubeflow Trainer ``TrainJob`` it launches, waits for and reads back
+    (``trainjob``). Checkpoints go to ``training.checkpoint_uri`` keyed by ``pipeline_run`` and
+    ``task_name``, so a retry resumes (or attaches to its job) instead of starting over. Writes a
+    Hugging Face checkpoint (safetensors) plus tuneloop.json. Empty/zero overrides keep the config.
     """
-    from tuneloop import training
     from tuneloop.config import TuneloopConfig
+    from tuneloop.training import finetune_step
 
-    summary = training.run(
+    summary = finetune_step(
         TuneloopConfig.from_json(config_json),
         dataset.path,
         model.path,
@@ -33,6 +38,8 @@ def finetune(
         epochs=epochs or None,
         learning_rate=learning_rate or None,
         data_fingerprint=data_fingerprint,
+        pipeline_run=pipeline_run,
+        task=task_name,
     )
     for name, value in summary.to_metrics().items():
         metrics.log_metric(name, value)

@@ -5,6 +5,6 @@ multi-process DDP through torchrun (``distributed``) and the Kubeflow Trainer la
 trains in the step's own pod, or hands the work to a ``TrainJob`` (``training.backend``).
 """
 
-from tuneloop.training.finetune import TrainingSummary, checkpoint_root, run, with_overrides
+from tuneloop.training.finetune import TrainingSummary, checkpoint_root, finetune_step, run, with_overrides
 
-__all__ = ["TrainingSummary", "checkpoint_root", "run", "with_overrides"]
+__all__ = ["TrainingSummary", "checkpoint_root", "finetune_step", "run", "with_overrides"]

@@ -295,3 +295,13 @@ def _save(model, tokenizer, output_dir: str | Path) -> None:
 
 def _print(line: str) -> None:
     print(line, flush=True)
+
+
+def finetune_step(config: TuneloopConfig, dataset_path: str | Path, output_dir: str | Path, **options) -> TrainingSummary:
+    """What the ``finetune`` component runs: train here (``training.backend: pod``) or launch,
+    wait for and read back a Kubeflow Trainer ``TrainJob`` (``trainjob``). Options as in :func:`run`."""
+    if config.training.backend == "trainjob":
+        from tuneloop.training import trainjob
+
+        return trainjob.train(config, dataset_path, output_dir, **options)
+    return run(config, dataset_path, output_dir, **options)
