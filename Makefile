@@ -7,7 +7,7 @@ DEV_STAMP := $(VENV)/.installed-dev
 EXAMPLE := examples/sms_spam
 PYTEST_ARGS ?=
 
-.PHONY: install install-dev demo demo-drift test test-fast compile clean
+.PHONY: install install-dev demo demo-drift test test-fast compile clean services rehearsal
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,23 @@ CLUSTER_CONFIG := k8s/base/config/tuneloop.yaml
 compile: $(STAMP)  ## compile both shipped pipelines with the cluster config of k8s/ to KFP IR YAML under build/
 	$(BIN)/tuneloop compile training --output build/training.yaml --config $(CLUSTER_CONFIG)
 	$(BIN)/tuneloop compile monitoring --output build/monitoring.yaml --config $(CLUSTER_CONFIG)
+
+REHEARSAL_STAMP := $(VENV)/.installed-rehearsal
+REHEARSAL_ARGS ?=
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+$(REHEARSAL_STAMP): pyproject.toml $(DEV_STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[dev,cluster]"
+	touch $@
+
+services:  ## install PostgreSQL and Redis from the Debian packages when missing (the rehearsal and service tests need them)
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ! command -v redis-server >/dev/null; then \
+		echo "installing postgresql and redis-server with apt-get"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends postgresql redis-server; \
+	fi
+
+rehearsal: services $(REHEARSAL_STAMP)  ## the cluster on one machine: real Postgres, Redis, S3, MLflow; every step its own pod; checks the guarantees
+	$(BIN)/python -m rehearsal $(REHEARSAL_ARGS)
 
 clean:
 	rm -rf .tuneloop build

@@ -34,8 +34,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterator
 
-POSTGRES_BIN = Path(os.environ.get("TUNELOOP_POSTGRES_BIN", "/usr/lib/postgresql/15/bin"))
-"""Where the Debian ``postgresql-15`` package puts ``initdb``, ``pg_ctl`` and ``postgres``."""
+def _postgres_bin() -> Path:
+    """``$TUNELOOP_POSTGRES_BIN``, else the Debian package's 15, else the newest installed version."""
+    if os.environ.get("TUNELOOP_POSTGRES_BIN"):
+        return Path(os.environ["TUNELOOP_POSTGRES_BIN"])
+    preferred = Path("/usr/lib/postgresql/15/bin")
+    installed = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]) if
+                       p.parts[-3].isdigit() else 0)
+    return preferred if (preferred / "initdb").exists() or not installed else installed[-1].parent
+
+
+POSTGRES_BIN = _postgres_bin()
+"""Where the Debian ``postgresql`` package puts ``initdb``, ``pg_ctl`` and ``postgres``."""
 
 LOOPBACK = "127.0.0.1"
 S3_REGION = "us-east-1"
