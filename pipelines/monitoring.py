@@ -6,7 +6,7 @@ goes first, so it is out before a local training run (synchronous under ``kfp.lo
 ExitHandler reports a failed run (e.g. a retraining trigger that could not start) to the alert sink.
 
 One definition runs two ways, like the training pipeline: ``kfp.local`` on one machine and compiled
-to KFP IR YAML for a cluster (``tuneloop compile pipelines/monitoring.py``), where a recurring run
+to KFP IR YAML for a cluster (``tuneloop compile monitoring``), where a recurring run
 (``tuneloop schedule``) makes it the periodic drift check. Cluster settings come from the config's
 ``kubeflow`` section at compile time: ``build_pipeline(config.kubeflow)``.
 """

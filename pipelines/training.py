@@ -1,7 +1,7 @@
 """The training pipeline: validate -> features -> fine-tune -> compress -> evaluate -> [blessed?] register -> deploy.
 
 One definition runs two ways: through ``kfp.local`` on one machine (``tuneloop run --local``) and
-compiled to KFP IR YAML for a cluster (``tuneloop compile pipelines/training.py``). Registration
+compiled to KFP IR YAML for a cluster (``tuneloop compile training``). Registration
 (alias ``challenger``) and deployment (rollout + smoke test, then alias ``champion``) sit under
 ``dsl.If`` on the gate's output; the ExitHandler reports failed runs to the alert sink.
 

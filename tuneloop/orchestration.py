@@ -214,8 +214,8 @@ def run_local(
     """
     from kfp import local
 
-    preflight(config, base_model)
     pipeline = load_pipeline(pipeline)
+    preflight(config, base_model)
     pipeline_root = Path(config.state_dir) / "pipeline_root"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
     before = set(pipeline_root.glob("*")) if pipeline_root.exists() else set()

@@ -2,14 +2,11 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from tests.conftest import make_labelled_frame
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def tuneloop(*args, cwd):
@@ -28,8 +25,7 @@ def project(tmp_path):
 
 
 def run_local(project_dir, *extra):
-    return tuneloop("run", "--local", "--config", "tuneloop.yaml", "--pipeline", str(ROOT / "pipelines/training.py"),
-                    *extra, cwd=project_dir)
+    return tuneloop("run", "--local", "--config", "tuneloop.yaml", *extra, cwd=project_dir)
 
 
 def assert_registry_empty(project_dir):
@@ -43,6 +39,25 @@ def test_missing_data_file(project):
     result = run_local(project)
     assert result.returncode == 3
     assert "texts file (data.texts) not found" in result.stderr and "texts.parquet" in result.stderr
+    assert_registry_empty(project)
+
+
+def test_run_from_another_directory_finds_the_shipped_pipeline(project, tmp_path_factory):
+    """`tuneloop run --local --config my-project/tuneloop.yaml` from anywhere: the shipped training
+    pipeline loads (no `pipelines/` in the working directory), then the preflight names the data."""
+    (project / "data" / "texts.parquet").unlink()
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    result = tuneloop("run", "--local", "--config", str(project / "tuneloop.yaml"), cwd=elsewhere)
+    assert result.returncode == 3, result.stderr
+    assert "pipeline file not found" not in result.stderr
+    assert "texts file (data.texts) not found" in result.stderr
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_unknown_pipeline_name_is_named(project):
+    result = run_local(project, "--pipeline", "trainnig")
+    assert result.returncode != 0
+    assert "pipeline file not found: trainnig (the shipped pipelines are training, monitoring)" in result.stderr
     assert_registry_empty(project)
 
 
