@@ -1,17 +1,24 @@
-"""Alert sinks: a local JSONL file (always) and a Slack-compatible webhook (when configured).
+"""Alerts: recorded in the shared state database, posted to a Slack-compatible webhook when one is
+configured, spooled until delivered.
 
 The webhook URL is a secret: it is read from the environment variable named by
-``alerts.webhook_url_env`` and never written to logs, reports, the spool or the config.
+``alerts.webhook_url_env`` and never written to logs, reports, the database or the config.
 
-Delivery never drops an alert:
+Delivery never drops an alert, whichever pod sends it:
 
-- every alert is appended to the JSONL sink (``alerts.jsonl``, default ``<state_dir>/alerts.jsonl``);
-- with a webhook configured, the POST is retried with exponential backoff (:class:`RetryPolicy`);
-- an alert the webhook still refuses is *spooled*: appended to ``<state_dir>/alerts-spool.jsonl``
-  (JSONL, under a file lock) and re-sent, oldest first, by the next :func:`send_alert` or
-  :func:`resend_spooled` call (``tuneloop monitor`` calls it first thing). It leaves the spool only
-  once delivered. While the webhook is down, a re-send stops at the first failure, so a long spool
-  costs one retry sequence, not one per alert.
+- every alert is first recorded in the alert log, a table of the shared state database
+  (:mod:`tuneloop.state_store`: SQLite in ``state_dir`` on one machine, Postgres in a cluster). In
+  the local world it is also appended to ``alerts.jsonl`` (``alerts.jsonl``, default
+  ``<state_dir>/alerts.jsonl``), an extra file for people, not the record;
+- with a webhook configured, the alert waits in the *spool* (its row says ``spooled``) until a
+  sender delivers it. Senders deliver the spool oldest first: each claims one row at a time in a
+  short transaction (``SELECT ... FOR UPDATE SKIP LOCKED`` on Postgres, under the spool lock) and
+  holds the claim for a lease while it posts, so two monitors on two pods never send one alert
+  twice. A POST is retried with exponential backoff (``tenacity``; a ``Retry-After`` header is
+  honoured, a 4xx other than 429 is not retried). An alert the webhook still refuses stays spooled
+  and is re-sent by the next :func:`send_alert` or :func:`resend_spooled` call from any pod
+  (``tuneloop monitor`` calls it every run). While the webhook is down a sender stops at the first
+  failure, so a long spool costs one retry sequence, not one per alert.
 
 The alert record's ``webhook`` field says what happened: ``delivered``, ``spooled`` or
 ``not configured``; ``spooled`` is True when the alert waits in the spool.
@@ -19,8 +26,8 @@ The alert record's ``webhook`` field says what happened: ``delivered``, ``spoole
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
+import email.utils
 import json
 import os
 import time
@@ -28,21 +35,26 @@ import urllib.error
 import urllib.request
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
+import sqlalchemy as sa
+import tenacity
+
+from tuneloop import state_store
 from tuneloop.config import TuneloopConfig
-from tuneloop.errors import TuneloopError
+from tuneloop.errors import ServiceUnavailableError, TuneloopError
+from tuneloop.state_store import alert_log
 
 WEBHOOK_ATTEMPTS = 3
 WEBHOOK_TIMEOUT_SECONDS = 10
 WEBHOOK_BACKOFF_SECONDS = 1.0
-SPOOL_FILE = "alerts-spool.jsonl"
+RETRY_AFTER_CAP_SECONDS = 60.0
+"""A ``Retry-After`` longer than this is cut to it (the monitor run must end)."""
 DELIVERED, SPOOLED, NOT_CONFIGURED = "delivered", "spooled", "not configured"
 
 
 class AlertError(TuneloopError):
-    """An alert could be neither recorded nor spooled (the state directory is not writable)."""
+    """An alert could be neither recorded nor delivered."""
 
     exit_code = 8
 
@@ -50,7 +62,8 @@ class AlertError(TuneloopError):
 @dataclass(frozen=True)
 class RetryPolicy:
     """How a webhook POST is retried: ``attempts`` tries, waiting ``backoff_seconds * factor**n``
-    between them (``sleep`` is injectable, so tests need not wait)."""
+    between them, or longer when the webhook answers with ``Retry-After`` (at most
+    :data:`RETRY_AFTER_CAP_SECONDS`); ``sleep`` is injectable, so tests need not wait."""
 
     attempts: int = WEBHOOK_ATTEMPTS
     backoff_seconds: float = WEBHOOK_BACKOFF_SECONDS
@@ -59,8 +72,13 @@ class RetryPolicy:
     sleep: Callable[[float], None] = field(default=time.sleep, compare=False)
 
     def delays(self) -> list[float]:
-        """The waits between attempts (one fewer than ``attempts``)."""
+        """The waits between attempts without ``Retry-After`` (one fewer than ``attempts``)."""
         return [self.backoff_seconds * self.factor**n for n in range(max(self.attempts - 1, 0))]
+
+    def lease_seconds(self) -> float:
+        """How long one alert's delivery may take at worst: the claim on it lasts that long."""
+        waits = sum(max(delay, RETRY_AFTER_CAP_SECONDS) for delay in self.delays())
+        return self.attempts * self.timeout_seconds + waits + 30.0
 
 
 DEFAULT_RETRY = RetryPolicy()
@@ -83,13 +101,13 @@ def send_alert(
     *,
     retry: RetryPolicy | None = None,
 ) -> dict:
-    """Record an alert in the JSONL sink and post it to the webhook if one is configured.
+    """Record an alert in the alert log and deliver it to the webhook if one is configured.
 
-    Earlier spooled alerts are re-sent first (oldest first). An alert the webhook refuses after
-    every retry is spooled for the next call, never dropped.
+    Earlier spooled alerts are delivered first (oldest first). An alert the webhook refuses after
+    every retry stays spooled for the next call, from this pod or any other.
 
     Args:
-        config: where the sinks are.
+        config: where the state database is, and the webhook's environment variable.
         kind: short machine-readable kind (``pipeline_failed``, ``model_rejected``, ``drift_detected``...).
         message: one human-readable line.
         details: extra JSON-serialisable context (run name, model version, report path...).
@@ -100,7 +118,8 @@ def send_alert(
         ``spooled`` (bool) and ``spool_pending`` (alerts waiting in the spool after this call).
 
     Raises:
-        AlertError: the alert could be neither written to the JSONL sink nor spooled.
+        ServiceUnavailableError: the state database is unreachable and the webhook did not take the
+            alert either (retry the step).
     """
     retry = retry or DEFAULT_RETRY
     alert = {
@@ -112,24 +131,21 @@ def send_alert(
         "details": details or {},
     }
     url = webhook_url(config)
-    pending = resend_spooled(config, retry=retry) if url else SpoolResult(remaining=spool_size(config))
-    if not url:
-        alert["webhook"] = NOT_CONFIGURED
-    elif pending.remaining:  # the webhook still refuses older alerts: keep the order, queue this one
-        alert["webhook"] = SPOOLED
-        _spool(config, alert, reason=pending.error or "older alerts are still waiting")
-    else:
-        error = _post_webhook(url, alert, retry)
-        alert["webhook"] = DELIVERED if error is None else SPOOLED
-        if error is not None:
-            _spool(config, alert, reason=error)
+    alert["webhook"] = SPOOLED if url else NOT_CONFIGURED
+    try:
+        _insert(config, alert)
+    except ServiceUnavailableError as outage:
+        return _deliver_unrecorded(config, alert, url, retry, outage)
+    if url:
+        resend_spooled(config, retry=retry)
+        alert["webhook"] = _state_of(config, alert["id"])
     alert["spooled"] = alert["webhook"] == SPOOLED
     alert["spool_pending"] = spool_size(config)
-    _record(config, alert)
+    _append_jsonl(config, alert)
     where = f"webhook {alert['webhook']}"
     if alert["spooled"]:
-        where += f", {alert['spool_pending']} alert(s) waiting in {spool_path(config)}"
-    print(f"alert [{kind}]: {message} (recorded in {config.alerts_path}; {where})", flush=True)
+        where += f", {alert['spool_pending']} alert(s) waiting in the spool"
+    print(f"alert [{kind}]: {message} (recorded in {state_store.location(config)}; {where})", flush=True)
     return alert
 
 
@@ -138,60 +154,145 @@ def webhook_url(config: TuneloopConfig) -> str:
     return os.environ.get(config.alerts.webhook_url_env, "").strip()
 
 
-def spool_path(config: TuneloopConfig) -> Path:
-    """The spool of undelivered alerts: ``<state_dir>/alerts-spool.jsonl``."""
-    return Path(config.state_dir) / SPOOL_FILE
+def spool_location(config: TuneloopConfig) -> str:
+    """Where undelivered alerts wait, for messages: the alert table of the state database."""
+    return f"the alert spool ({alert_log.name} in {state_store.location(config)})"
+
+
+spool_path = spool_location
+"""The former name of :func:`spool_location` (the spool is no longer a file)."""
 
 
 def spool_size(config: TuneloopConfig) -> int:
-    """How many alerts wait in the spool."""
-    return len(_read_spool(spool_path(config)))
+    """How many alerts of this project wait in the spool."""
+    with state_store.transaction(config) as connection:
+        return connection.execute(
+            sa.select(sa.func.count()).select_from(alert_log).where(*_spooled(config))).scalar_one()
 
 
 def read_spool(config: TuneloopConfig) -> list[dict]:
     """The alerts waiting in the spool, oldest first."""
-    return _read_spool(spool_path(config))
+    return _read(config, *_spooled(config))
+
+
+def read_alerts(config: TuneloopConfig) -> list[dict]:
+    """Every alert of this project in the alert log, oldest first."""
+    return _read(config, alert_log.c.project == config.name)
 
 
 def resend_spooled(config: TuneloopConfig, *, retry: RetryPolicy | None = None) -> SpoolResult:
-    """Re-send spooled alerts to the webhook, oldest first; delivered ones leave the spool.
+    """Deliver spooled alerts to the webhook, oldest first, each claimed so no other sender posts it too.
 
     Stops at the first alert the webhook still refuses (after its retries). Without a configured
     webhook nothing is sent and the spool stays as it is.
     """
     retry = retry or DEFAULT_RETRY
-    path = spool_path(config)
     url = webhook_url(config)
-    if not path.is_file():
-        return SpoolResult()
-    with _locked(path):
-        waiting = _read_spool(path)
-        if not waiting or not url:
-            return SpoolResult(remaining=len(waiting))
-        delivered, error = 0, ""
-        for alert in waiting:
-            failure = _post_webhook(url, alert, retry)
-            if failure is not None:
-                error = failure
-                alert["attempts"] = int(alert.get("attempts", 1)) + 1
-                alert["last_error"] = failure
-                break
-            delivered += 1
-        remaining = waiting[delivered:]
-        _write_spool(path, remaining)
+    if not url:
+        return SpoolResult(remaining=spool_size(config))
+    sender = uuid.uuid4().hex
+    delivered, error = 0, ""
+    while (alert := _claim_next(config, sender, retry.lease_seconds())) is not None:
+        failure = _post_webhook(url, alert, retry)
+        _settle(config, alert, failure)
+        if failure is not None:
+            error = failure
+            break
+        delivered += 1
+    remaining = spool_size(config)
     if delivered:
         print(f"alerts: re-sent {delivered} spooled alert(s) to the webhook", flush=True)
     if remaining:
-        print(f"alerts: {len(remaining)} alert(s) still spooled in {path} (webhook: {error})", flush=True)
-    return SpoolResult(delivered=delivered, remaining=len(remaining), error=error)
+        print(f"alerts: {remaining} alert(s) still spooled in {spool_location(config)}"
+              + (f" (webhook: {error})" if error else ""), flush=True)
+    return SpoolResult(delivered=delivered, remaining=remaining, error=error)
 
 
-def read_alerts(config: TuneloopConfig) -> list[dict]:
-    """Every alert recorded in the JSONL sink, oldest first."""
-    path: Path = config.alerts_path
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+# --------------------------------------------------------------------------------------------
+# The alert log and the spool
+
+
+def _spooled(config: TuneloopConfig) -> tuple:
+    return alert_log.c.project == config.name, alert_log.c.webhook == SPOOLED
+
+
+def _insert(config: TuneloopConfig, alert: dict) -> None:
+    with state_store.transaction(config) as connection:
+        connection.execute(alert_log.insert().values(
+            alert_id=alert["id"], project=alert["project"], time=alert["time"], kind=alert["kind"],
+            message=alert["message"], details=state_store.dumps(alert["details"]), webhook=alert["webhook"],
+            attempts=0, last_error="", claimed_by="", claimed_until=0.0, delivered_at=""))
+
+
+def _read(config: TuneloopConfig, *conditions) -> list[dict]:
+    with state_store.transaction(config) as connection:
+        rows = connection.execute(sa.select(alert_log).where(*conditions).order_by(alert_log.c.seq)).mappings().all()
+    return [_record(row) for row in rows]
+
+
+def _record(row) -> dict:
+    return {"id": row["alert_id"], "time": row["time"], "project": row["project"], "kind": row["kind"],
+            "message": row["message"], "details": json.loads(row["details"] or "{}"), "webhook": row["webhook"],
+            "attempts": row["attempts"], "last_error": row["last_error"], "delivered_at": row["delivered_at"]}
+
+
+def _state_of(config: TuneloopConfig, alert_id: str) -> str:
+    with state_store.transaction(config) as connection:
+        return connection.execute(sa.select(alert_log.c.webhook).where(alert_log.c.alert_id == alert_id)).scalar_one()
+
+
+def _claim_next(config: TuneloopConfig, sender: str, lease_seconds: float) -> dict | None:
+    """Claim the oldest spooled alert nobody else holds, for ``lease_seconds``; None when there is none."""
+    now = time.time()
+    with state_store.transaction(config, lock=f"tuneloop-alert-spool:{config.name}") as connection:
+        query = (sa.select(alert_log).where(*_spooled(config), alert_log.c.claimed_until < now)
+                 .order_by(alert_log.c.seq).limit(1))
+        row = connection.execute(state_store.for_update(query, connection)).mappings().first()
+        if row is None:
+            return None
+        connection.execute(alert_log.update().where(alert_log.c.seq == row["seq"])
+                           .values(claimed_by=sender, claimed_until=now + lease_seconds))
+    return _record(row)
+
+
+def _settle(config: TuneloopConfig, alert: dict, failure: str | None) -> None:
+    """Record a delivery (the row leaves the spool) or a failed try (it stays, unclaimed)."""
+    values: dict = {"attempts": alert_log.c.attempts + 1, "claimed_by": "", "claimed_until": 0.0}
+    if failure is None:
+        values.update(webhook=DELIVERED, delivered_at=dt.datetime.now(dt.timezone.utc).isoformat(), last_error="")
+    else:
+        values.update(last_error=failure)
+    with state_store.transaction(config) as connection:
+        connection.execute(alert_log.update().where(alert_log.c.alert_id == alert["id"]).values(**values))
+
+
+def _deliver_unrecorded(config, alert: dict, url: str, retry: RetryPolicy, outage: ServiceUnavailableError) -> dict:
+    """The state database is down: post straight to the webhook so the alert is not lost; if that
+    fails too, raise the outage (the step is retried)."""
+    failure = _post_webhook(url, alert, retry) if url else "no webhook configured"
+    if failure is not None:
+        raise ServiceUnavailableError(
+            f"alert {alert['kind']!r} could not be recorded ({outage.message}) nor delivered ({failure})",
+            service=outage.service, uri=outage.uri, stage="alerts",
+        ) from outage
+    alert.update(webhook=DELIVERED, spooled=False, spool_pending=0)
+    print(f"alert [{alert['kind']}]: {alert['message']} (webhook delivered; NOT recorded: {outage.message})",
+          flush=True)
+    return alert
+
+
+def _append_jsonl(config: TuneloopConfig, alert: dict) -> None:
+    """The extra local file sink (local world only; the database is the record)."""
+    if config.world != "local":
+        return
+    path = config.alerts_path
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as sink:
+            sink.write(json.dumps(_public(alert), default=str) + "\n")
+    except OSError as error:
+        print(f"alerts: warning: the JSONL file {path} is not writable ({error.strerror or error}); the alert "
+              f"is recorded in the state database", flush=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,29 +312,83 @@ def slack_body(alert: dict) -> dict:
 
 
 def _public(alert: dict) -> dict:
-    return {key: value for key, value in alert.items() if key not in {"attempts", "last_error", "spooled_at"}}
+    hidden = {"attempts", "last_error", "delivered_at", "spool_pending"}
+    return {key: value for key, value in alert.items() if key not in hidden}
+
+
+class WebhookRefused(Exception):
+    """The webhook answered with a non-2xx status (``retry_after``: its ``Retry-After``, in seconds)."""
+
+    def __init__(self, status: int, retry_after: float | None = None) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status = status
+        self.retry_after = retry_after
 
 
 def _post_webhook(url: str, alert: dict, retry: RetryPolicy) -> str | None:
-    """POST the alert, retrying with backoff. None when delivered, else why not (URL scrubbed)."""
+    """POST the alert with retries. None when delivered, else why not (URL scrubbed)."""
     body = json.dumps(slack_body(alert), default=str).encode("utf-8")
-    delays = retry.delays()
-    reason = "no attempt made"
-    for attempt in range(max(retry.attempts, 1)):
+
+    def post() -> None:
+        request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
         try:
-            request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
             with urllib.request.urlopen(request, timeout=retry.timeout_seconds) as response:
                 status = getattr(response, "status", 200)
-                if 200 <= status < 300:
-                    return None
-                reason = f"HTTP {status}"
         except urllib.error.HTTPError as error:
-            reason = f"HTTP {error.code}"
-        except Exception as error:  # URLError, timeouts, a malformed URL: all mean "not delivered"
-            reason = _scrub(_reason(error), url)
-        if attempt < len(delays):
-            retry.sleep(delays[attempt])
-    return reason
+            raise WebhookRefused(error.code, _retry_after(error.headers)) from None
+        if not 200 <= status < 300:
+            raise WebhookRefused(status)
+
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(max(retry.attempts, 1)),
+        wait=_wait_for(retry),
+        retry=tenacity.retry_if_exception(_worth_retrying),
+        sleep=retry.sleep,
+        reraise=True,
+    )
+    try:
+        retrying(post)
+    except WebhookRefused as error:
+        return str(error)
+    except Exception as error:  # URLError, timeouts, a malformed URL: all mean "not delivered"
+        return _scrub(_reason(error), url)
+    return None
+
+
+def _worth_retrying(error: BaseException) -> bool:
+    """Server errors, 429 and network failures are retried; other 4xx and a malformed URL are not."""
+    if isinstance(error, WebhookRefused):
+        return error.status == 429 or error.status >= 500
+    return not isinstance(error, ValueError)
+
+
+def _wait_for(retry: RetryPolicy):
+    def wait(state: tenacity.RetryCallState) -> float:
+        backoff = retry.backoff_seconds * retry.factor ** (state.attempt_number - 1)
+        error = state.outcome.exception() if state.outcome is not None else None
+        retry_after = getattr(error, "retry_after", None)
+        if retry_after is not None:
+            return max(backoff, min(retry_after, RETRY_AFTER_CAP_SECONDS))
+        return backoff
+
+    return wait
+
+
+def _retry_after(headers) -> float | None:
+    """``Retry-After`` in seconds: a number, or an HTTP date."""
+    value = (headers or {}).get("Retry-After") if headers is not None else None
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.timezone.utc)
+    return max((moment - dt.datetime.now(dt.timezone.utc)).total_seconds(), 0.0)
 
 
 def _reason(error: BaseException) -> str:
@@ -251,79 +406,3 @@ def _scrub(text: str, url: str) -> str:
         if secret:
             text = text.replace(secret, "***")
     return text
-
-
-# --------------------------------------------------------------------------------------------
-# Files
-
-
-def _record(config: TuneloopConfig, alert: dict) -> None:
-    """Append to the JSONL sink; when that fails, make sure the alert sits in the spool."""
-    path = config.alerts_path
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a", encoding="utf-8") as sink:
-            sink.write(json.dumps(_public(alert), default=str) + "\n")
-    except OSError as error:
-        reason = f"JSONL sink {path} not writable: {error.strerror or error}"
-        if alert.get("webhook") == DELIVERED:  # the webhook has it: not lost
-            print(f"alerts: warning: {reason}", flush=True)
-        elif not alert.get("spooled"):
-            _spool(config, alert, reason=reason)
-            alert["spooled"] = True
-            alert["spool_pending"] = spool_size(config)
-
-
-def _spool(config: TuneloopConfig, alert: dict, *, reason: str) -> None:
-    path = spool_path(config)
-    record = {**_public(alert), "webhook": SPOOLED, "spooled_at": dt.datetime.now(dt.timezone.utc).isoformat(),
-              "attempts": 1, "last_error": reason}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with _locked(path):
-            with path.open("a", encoding="utf-8") as spool:
-                spool.write(json.dumps(record, default=str) + "\n")
-    except OSError as error:
-        raise AlertError(
-            f"alert {alert['kind']!r} could not be delivered ({reason}) nor spooled to {path}: "
-            f"{error.strerror or error}",
-            stage="alerts",
-            path=str(path),
-        ) from error
-
-
-def _read_spool(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    alerts = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        try:
-            alerts.append(json.loads(line))
-        except json.JSONDecodeError:  # a torn last line from a crash: keep what can be read
-            continue
-    return alerts
-
-
-def _write_spool(path: Path, alerts: list[dict]) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text("".join(json.dumps(alert, default=str) + "\n" for alert in alerts), encoding="utf-8")
-    os.replace(temporary, path)
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock beside ``path`` (POSIX ``flock``; a no-op where it is missing)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f".{path.name}.lock"), "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)

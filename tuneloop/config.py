@@ -386,8 +386,8 @@ class MonitoringConfig(StrictModel):
     pipeline file) through ``kfp.local``; ``kubeflow`` starts
     the latest uploaded version of ``training_pipeline_name`` on ``kubeflow_host`` (empty:
     ``$KF_PIPELINES_ENDPOINT``); ``none`` only alerts. At most one retraining run starts per
-    ``cooldown_hours``; the trigger ledger is a JSON file in the state directory (``ledger: file``)
-    or a tag on the registered model (``ledger: registry``, for monitors without persistent state).
+    ``cooldown_hours``; the trigger ledger (``ledger: database``) is a table of the shared state
+    database (``state``), claimed under a database lock so racing monitors start one run.
     """
 
     window: str = Field("24h", pattern=r"^\s*[0-9]+\s*[smhdw]?\s*$",
@@ -413,7 +413,7 @@ class MonitoringConfig(StrictModel):
     max_quality_drop_points: float | None = Field(None, ge=0.0, le=100.0)
     trigger: Literal["none", "local", "kubeflow"] = "local"
     cooldown_hours: float = Field(24.0, ge=0.0)
-    ledger: Literal["database", "registry"] = "database"
+    ledger: Literal["database"] = Field("database", description="Where the retraining ledger lives: the shared state database.")
     training_pipeline_file: str = Field(
         "training", description="A shipped pipeline's name (training), or the path of a pipeline file."
     )

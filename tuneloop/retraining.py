@@ -1,4 +1,4 @@
-"""Retraining runs started by drift, at most one per cooldown.
+"""Retraining runs started by drift, at most one per cooldown, across every monitor pod.
 
 :func:`trigger_retraining` starts the training pipeline for a drift report:
 
@@ -13,23 +13,24 @@
 
 The launcher is injectable (``launcher=``) for tests.
 
-The trigger ledger records every run started: when, by which report, which run. Two backends
-(``monitoring.ledger``):
+The trigger ledger is a table of the shared state database (:mod:`tuneloop.state_store`: SQLite in
+``state_dir`` on one machine, Postgres in a cluster), one row per drift report that started a run:
+when, which run. A monitor first *claims* the trigger in a short transaction that holds the
+project's ledger lock (a Postgres advisory lock, SQLite's write lock), then launches outside it, then
+records the run. So any number of monitors on any number of pods start exactly one run, and a long
+local training run holds no database lock. The rules, checked under the lock:
 
-- ``file`` (default): ``<state_dir>/monitoring/retraining-ledger.json``;
-- ``registry``: a tag (``tuneloop.retraining_ledger``) on the registered model, for monitors whose
-  state directory does not survive between runs (a CronJob with an ``emptyDir``). Tags are not
-  transactional across hosts: run such monitors one at a time (``concurrencyPolicy: Forbid``).
-
-Either way, the check, the launch and the ledger write happen under an exclusive file lock in the
-state directory, so concurrent monitors on one host start exactly one run. The rules:
-
-- a report that already started a run never starts another (``duplicate``: a retried step);
+- a report that already started a run never starts another (``duplicate``: a retried step finds
+  its own earlier trigger);
+- while another monitor's claim is live (its heartbeat is younger than :data:`CLAIM_LEASE_SECONDS`),
+  nothing starts (``busy``); so too when the lock stays taken for ``state.lock_timeout_s``;
 - within ``monitoring.cooldown_hours`` of the last run started, nothing starts (``cooldown``);
-- a monitor that cannot take the lock within :data:`LOCK_TIMEOUT_SECONDS` (another one is starting a
-  run right now, e.g. a long local training) starts nothing (``busy``);
-- a launch that fails raises :class:`RetrainingError` and leaves the ledger untouched, so the next
-  monitor run tries again.
+- a launch that fails raises :class:`RetrainingError` and removes the claim, so the next monitor run
+  tries again.
+
+A claim whose monitor died mid-launch goes stale. The next monitor looks for that attempt's run in
+Kubeflow Pipelines by its name before acting: found, it is recorded as started (and the cooldown
+applies); not found, the stale claim is dropped.
 """
 
 from __future__ import annotations
@@ -37,26 +38,30 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
-import os
+import threading
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
+import sqlalchemy as sa
+
+from tuneloop import state_store
 from tuneloop.config import TuneloopConfig
 from tuneloop.errors import PipelineError, TuneloopError
+from tuneloop.state_store import StateBusyError, retraining_ledger
 
 STAGE = "retraining"
-LEDGER_FILE = "retraining-ledger.json"
-LEDGER_TAG = "tuneloop.retraining_ledger"
-LOCK_TIMEOUT_SECONDS = 10.0
-FILE_LEDGER_ENTRIES = 200
-REGISTRY_LEDGER_ENTRIES = 10
-"""A registered-model tag holds a few kilobytes: keep the last entries only."""
 TRIGGER_RECORD = "tuneloop-trigger.json"
 """Written into a local run's output folder: which drift report started it."""
+CLAIM_LEASE_SECONDS = 120.0
+"""A claim whose heartbeat is older than this belongs to a monitor that died mid-launch."""
+HEARTBEAT_SECONDS = 20.0
 
 STARTED, COOLDOWN, DUPLICATE, BUSY, DISABLED = "started", "cooldown", "duplicate", "busy", "disabled"
+LAUNCHING = "launching"
+"""A ledger row's status while its monitor is starting the run."""
 
 
 class RetrainingError(PipelineError):
@@ -94,7 +99,7 @@ class TriggerOutcome:
 
     ``status``: ``started`` (this call started ``run_id``), ``cooldown`` (a run started within the
     cooldown; ``run_id`` is that run), ``duplicate`` (this report already started ``run_id``),
-    ``busy`` (another monitor holds the ledger lock) or ``disabled`` (``monitoring.trigger: none``).
+    ``busy`` (another monitor is starting a run right now) or ``disabled`` (``monitoring.trigger: none``).
     """
 
     status: str
@@ -116,6 +121,7 @@ class TriggerOutcome:
 
 
 Launcher = Callable[[TuneloopConfig, RetrainingRequest], LaunchedRun]
+RunFinder = Callable[[TuneloopConfig, str], "str | None"]
 
 
 def trigger_retraining(
@@ -123,98 +129,213 @@ def trigger_retraining(
     request: RetrainingRequest,
     *,
     launcher: Launcher | None = None,
+    find_run: RunFinder | None = None,
     now: dt.datetime | None = None,
-    lock_timeout: float = LOCK_TIMEOUT_SECONDS,
 ) -> TriggerOutcome:
     """Start one retraining run for a drift report, unless the ledger says not to.
 
     Args:
-        config: ``monitoring`` says how (``trigger``), how often (``cooldown_hours``) and where the
-            ledger is (``ledger``).
+        config: ``monitoring`` says how (``trigger``) and how often (``cooldown_hours``); ``state``
+            where the ledger is.
         request: the drift report that asks for the run.
         launcher: starts the run (default: by ``monitoring.trigger``, :func:`launch_local` or
             :func:`launch_kubeflow`).
+        find_run: looks a run up by name in the orchestrator, for claims left by a monitor that died
+            mid-launch (default: :func:`find_kubeflow_run` with ``trigger: kubeflow``, else none).
         now: the current time (UTC), for tests.
-        lock_timeout: seconds to wait for another monitor holding the ledger lock.
 
     Raises:
         RetrainingError: the launch failed; nothing was recorded, so the next call retries.
+        ServiceUnavailableError: the shared state database is unreachable.
     """
     mode = config.monitoring.trigger
     now = _utc(now)
-    ledger = ledger_for(config)
+    ledger = Ledger(config)
     if mode == "none" and launcher is None:
         return TriggerOutcome(DISABLED, request.report_id, mode, "retraining is disabled (monitoring.trigger: none)",
                               ledger=ledger.location)
     launch = launcher or LAUNCHERS[mode]
+    if find_run is None and launcher is None and mode == "kubeflow":
+        find_run = find_kubeflow_run
     cooldown = dt.timedelta(hours=config.monitoring.cooldown_hours)
-    with _exclusive(lock_path(config), lock_timeout) as acquired:
-        if not acquired:
-            return TriggerOutcome(
-                BUSY, request.report_id, mode,
-                f"another monitor is starting a retraining run right now (lock {lock_path(config)}); not starting one",
-                ledger=ledger.location,
-            )
-        entries = ledger.load()
-        previous = next((e for e in reversed(entries) if e.get("report_id") == request.report_id), None)
-        if previous is not None:
-            return _from_entry(DUPLICATE, previous, request, mode, ledger, cooldown,
-                               f"report {request.report_id} already started run {previous.get('run_id')}")
-        last = entries[-1] if entries else None
-        if last is not None and now - _parse_time(last["started_at"]) < cooldown:
-            until = _parse_time(last["started_at"]) + cooldown
-            return _from_entry(
-                COOLDOWN, last, request, mode, ledger, cooldown,
-                f"retraining run {last.get('run_id')} started at {last['started_at']} (report "
-                f"{last.get('report_id')}); cooldown of {config.monitoring.cooldown_hours:g}h lasts until "
-                f"{until.isoformat()}",
-            )
+    try:
+        decision = ledger.claim(request, now=now, cooldown=cooldown, find_run=find_run)
+    except StateBusyError as error:
+        return TriggerOutcome(BUSY, request.report_id, mode,
+                              f"another monitor holds the retraining ledger lock ({error.message}); not starting one",
+                              ledger=ledger.location)
+    if decision.outcome is not None:
+        return decision.outcome
+    with ledger.heartbeat(decision.claim_id):
         try:
             run = launch(config, request)
-        except TuneloopError as error:
-            raise RetrainingError(
-                f"could not start the retraining run for drift report {request.report_id} ({mode}): {error.message}",
-                stage=STAGE, path=error.path, field=error.field,
-            ) from error
-        except Exception as error:  # a launcher's own failure: still one clean error
-            raise RetrainingError(
+        except BaseException as error:
+            ledger.release(decision.claim_id)
+            if isinstance(error, TuneloopError):
+                raise RetrainingError(
+                    f"could not start the retraining run for drift report {request.report_id} ({mode}): "
+                    f"{error.message}", stage=STAGE, path=error.path, field=error.field,
+                ) from error
+            if not isinstance(error, Exception):
+                raise
+            raise RetrainingError(  # a launcher's own failure: still one clean error
                 f"could not start the retraining run for drift report {request.report_id} ({mode}): "
-                f"{type(error).__name__}: {error}",
-                stage=STAGE,
+                f"{type(error).__name__}: {error}", stage=STAGE,
             ) from error
-        entry = {
-            "report_id": request.report_id,
-            "report_path": request.report_path,
-            "model_version": request.model_version,
-            "mode": run.mode,
-            "run_id": run.run_id,
-            "run_name": run.run_name,
-            "started_at": now.isoformat(),
-        }
-        try:
-            ledger.save(entries + [entry])
-        except Exception as error:
-            raise RetrainingError(
-                f"retraining run {run.run_id} started for drift report {request.report_id}, but the ledger "
-                f"{ledger.location} could not record it ({error}); the next monitor run may start another",
-                stage=STAGE, path=ledger.location,
-            ) from error
+    started_at = now.isoformat()
+    ledger.record_started(decision.claim_id, run, started_at)
     print(f"retraining: started {run.mode} run {run.run_id} ({run.run_name}) for drift report {request.report_id}",
           flush=True)
     return TriggerOutcome(
-        STARTED, request.report_id, run.mode,
-        f"started {run.mode} run {run.run_id} ({run.run_name})",
-        run_id=run.run_id, run_name=run.run_name, started_at=entry["started_at"],
+        STARTED, request.report_id, run.mode, f"started {run.mode} run {run.run_id} ({run.run_name})",
+        run_id=run.run_id, run_name=run.run_name, started_at=started_at,
         cooldown_until=(now + cooldown).isoformat(), ledger=ledger.location,
     )
 
 
-def _from_entry(status, entry, request, mode, ledger, cooldown, message) -> TriggerOutcome:
-    started = entry.get("started_at", "")
-    until = (_parse_time(started) + cooldown).isoformat() if started else ""
-    return TriggerOutcome(status, request.report_id, entry.get("mode", mode), message,
-                          run_id=entry.get("run_id", ""), run_name=entry.get("run_name", ""),
-                          started_at=started, cooldown_until=until, ledger=ledger.location)
+def read_ledger(config: TuneloopConfig) -> list[dict]:
+    """Every trigger the ledger records for this project (started runs and live claims), oldest first."""
+    return Ledger(config).entries()
+
+
+# --------------------------------------------------------------------------------------------
+# The ledger
+
+
+@dataclass
+class Claim:
+    """The ledger's answer under the lock: an outcome (nothing to launch) or the claim to launch for."""
+
+    outcome: TriggerOutcome | None = None
+    claim_id: int | None = None
+
+
+class Ledger:
+    """The retraining ledger of one project in the shared state database."""
+
+    def __init__(self, config: TuneloopConfig) -> None:
+        self.config = config
+        self.project = config.name
+        self.lock = f"tuneloop-retraining-ledger:{config.name}"
+        self.owner = uuid.uuid4().hex
+        self.location = f"{retraining_ledger.name} in {state_store.location(config)}"
+
+    def entries(self) -> list[dict]:
+        with state_store.transaction(self.config) as connection:
+            rows = connection.execute(self._select().order_by(retraining_ledger.c.id)).mappings().all()
+        return [_entry(row) for row in rows]
+
+    def claim(self, request: RetrainingRequest, *, now: dt.datetime, cooldown: dt.timedelta,
+              find_run: RunFinder | None) -> Claim:
+        """Under the ledger lock: decide duplicate / busy / cooldown, else insert this report's claim."""
+        with state_store.transaction(self.config, lock=self.lock) as connection:
+            rows = [dict(row) for row in
+                    connection.execute(self._select().order_by(retraining_ledger.c.id)).mappings().all()]
+            rows = [row for row in rows if self._settle_stale(connection, row, find_run, now)]
+            own = next((row for row in rows if row["report_id"] == request.report_id), None)
+            if own is not None and own["status"] == STARTED:
+                return Claim(self._outcome(DUPLICATE, own, request, cooldown,
+                                           f"report {request.report_id} already started run {own['run_id']}"))
+            live = next((row for row in rows if row["status"] == LAUNCHING), None)
+            if live is not None:
+                return Claim(self._outcome(
+                    BUSY, live, request, cooldown,
+                    f"another monitor is starting a retraining run for drift report {live['report_id']} right now "
+                    f"(claimed at {live['claimed_at']}); not starting one"))
+            started = [row for row in rows if row["status"] == STARTED]
+            last = started[-1] if started else None
+            if last is not None and now - _parse_time(last["started_at"]) < cooldown:
+                until = _parse_time(last["started_at"]) + cooldown
+                return Claim(self._outcome(
+                    COOLDOWN, last, request, cooldown,
+                    f"retraining run {last['run_id']} started at {last['started_at']} (report {last['report_id']}); "
+                    f"cooldown of {self.config.monitoring.cooldown_hours:g}h lasts until {until.isoformat()}"))
+            stamp = _wall_clock()
+            inserted = connection.execute(retraining_ledger.insert().values(
+                project=self.project, report_id=request.report_id, status=LAUNCHING,
+                report_path=request.report_path, model_version=request.model_version, mode="", run_id="",
+                run_name=request.run_name, claimed_at=stamp, heartbeat_at=stamp, started_at="", owner=self.owner,
+            ))
+            return Claim(claim_id=inserted.inserted_primary_key[0])
+
+    def _settle_stale(self, connection, row: dict, find_run: RunFinder | None, now: dt.datetime) -> bool:
+        """A claim whose monitor died mid-launch: record the run it started if the orchestrator knows
+        it by name, else drop the claim. Returns whether the row still counts."""
+        if row["status"] != LAUNCHING or time.time() - _parse_time(row["heartbeat_at"]).timestamp() \
+                < CLAIM_LEASE_SECONDS:
+            return True
+        run_id = find_run(self.config, row["run_name"]) if find_run is not None and row["run_name"] else None
+        if run_id:
+            values = {"status": STARTED, "run_id": run_id, "mode": self.config.monitoring.trigger,
+                      "started_at": row["claimed_at"]}
+            connection.execute(retraining_ledger.update().where(retraining_ledger.c.id == row["id"]).values(**values))
+            row.update(values)
+            print(f"retraining: the interrupted trigger of report {row['report_id']} had started run {run_id}; "
+                  f"recorded it", flush=True)
+            return True
+        connection.execute(retraining_ledger.delete().where(retraining_ledger.c.id == row["id"]))
+        print(f"retraining: dropped the stale claim of report {row['report_id']} (its monitor stopped before "
+              f"starting a run)", flush=True)
+        return False
+
+    @contextlib.contextmanager
+    def heartbeat(self, claim_id: int):
+        """Keep the claim live while the launch runs (a local training run takes minutes)."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(HEARTBEAT_SECONDS):
+                with contextlib.suppress(TuneloopError):
+                    with state_store.transaction(self.config) as connection:
+                        connection.execute(retraining_ledger.update().where(retraining_ledger.c.id == claim_id)
+                                           .values(heartbeat_at=_wall_clock()))
+
+        thread = threading.Thread(target=beat, name="tuneloop-ledger-heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
+    def release(self, claim_id: int) -> None:
+        """Remove a claim whose launch failed (best effort: an unreachable database lets it go stale)."""
+        try:
+            with state_store.transaction(self.config) as connection:
+                connection.execute(retraining_ledger.delete().where(retraining_ledger.c.id == claim_id))
+        except TuneloopError as error:
+            print(f"retraining: could not remove the claim ({error.message}); it expires after "
+                  f"{CLAIM_LEASE_SECONDS:g}s", flush=True)
+
+    def record_started(self, claim_id: int, run: LaunchedRun, started_at: str) -> None:
+        try:
+            with state_store.transaction(self.config, lock=self.lock) as connection:
+                connection.execute(retraining_ledger.update().where(retraining_ledger.c.id == claim_id).values(
+                    status=STARTED, mode=run.mode, run_id=run.run_id, run_name=run.run_name, started_at=started_at,
+                    heartbeat_at=_wall_clock()))
+        except TuneloopError as error:
+            raise RetrainingError(
+                f"retraining run {run.run_id} started, but the ledger ({self.location}) could not record it "
+                f"({error.message}); the next monitor looks the run up by its name {run.run_name!r}",
+                stage=STAGE,
+            ) from error
+
+    def _select(self) -> sa.Select:
+        return sa.select(retraining_ledger).where(retraining_ledger.c.project == self.project)
+
+    def _outcome(self, status: str, row: dict, request: RetrainingRequest, cooldown: dt.timedelta,
+                 message: str) -> TriggerOutcome:
+        started = row.get("started_at") or ""
+        until = (_parse_time(started) + cooldown).isoformat() if started else ""
+        return TriggerOutcome(status, request.report_id, row.get("mode") or self.config.monitoring.trigger, message,
+                              run_id=row.get("run_id", ""), run_name=row.get("run_name", ""), started_at=started,
+                              cooldown_until=until, ledger=self.location)
+
+
+def _entry(row) -> dict:
+    keys = ("report_id", "status", "report_path", "model_version", "mode", "run_id", "run_name", "started_at",
+            "claimed_at")
+    return {key: row[key] for key in keys}
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,111 +404,26 @@ def training_pipeline_path(config: TuneloopConfig) -> Path:
     )
 
 
-# --------------------------------------------------------------------------------------------
-# The ledger
+def find_kubeflow_run(config: TuneloopConfig, run_name: str) -> str | None:
+    """The id of the Kubeflow Pipelines run called ``run_name`` (None when there is none).
+
+    Raises:
+        KubeflowError: the host is unreachable or refuses the credentials.
+    """
+    from tuneloop import kubeflow
+
+    monitoring = config.monitoring
+    client = kubeflow.connect(monitoring.kubeflow_host or "", namespace=monitoring.kubeflow_namespace)
+    predicate = {"operation": "EQUALS", "key": "display_name", "string_value": run_name}
+    with kubeflow.api_errors(client, f"looking up run {run_name!r}"):
+        response = client.list_runs(page_size=10, filter=json.dumps({"predicates": [predicate]}))
+    runs = [run for run in response.runs or [] if run.display_name == run_name]
+    return runs[0].run_id if runs else None
 
 
-class FileLedger:
-    """The ledger as a JSON file: ``{"triggers": [entry, ...]}``, oldest first."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.location = str(path)
-
-    def load(self) -> list[dict]:
-        if not self.path.is_file():
-            return []
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as error:
-            raise RetrainingError(f"the trigger ledger {self.path} is unreadable: {error}", stage=STAGE,
-                                  path=str(self.path)) from error
-        return list(data.get("triggers", []))
-
-    def save(self, entries: list[dict]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_name(f".{self.path.name}.tmp")
-        payload = {"triggers": entries[-FILE_LEDGER_ENTRIES:]}
-        temporary.write_text(json.dumps(payload, indent=2), encoding="utf-8")
-        os.replace(temporary, self.path)
-
-
-class RegistryLedger:
-    """The ledger as a tag of the registered model (compact entries, the last few only)."""
-
-    def __init__(self, config: TuneloopConfig) -> None:
-        self.config = config
-        self.location = f"registered model {config.registry.model_name!r}, tag {LEDGER_TAG}"
-
-    def load(self) -> list[dict]:
-        from mlflow.exceptions import MlflowException
-
-        from tuneloop import registry
-
-        try:
-            model = registry.client(self.config).get_registered_model(self.config.registry.model_name)
-        except MlflowException as error:
-            if "RESOURCE_DOES_NOT_EXIST" in str(error.error_code):
-                return []
-            raise RetrainingError(f"cannot read the trigger ledger ({self.location}): {error}", stage=STAGE) from error
-        text = (model.tags or {}).get(LEDGER_TAG)
-        if not text:
-            return []
-        try:
-            return list(json.loads(text))
-        except json.JSONDecodeError as error:
-            raise RetrainingError(f"the trigger ledger ({self.location}) is not JSON: {error}", stage=STAGE) from error
-
-    def save(self, entries: list[dict]) -> None:
-        from tuneloop import registry
-
-        compact = [{key: entry.get(key, "") for key in ("report_id", "mode", "run_id", "run_name", "started_at",
-                                                         "model_version")}
-                   for entry in entries[-REGISTRY_LEDGER_ENTRIES:]]
-        registry.client(self.config).set_registered_model_tag(
-            self.config.registry.model_name, LEDGER_TAG, json.dumps(compact, separators=(",", ":")))
-
-
-def ledger_for(config: TuneloopConfig) -> FileLedger | RegistryLedger:
-    """The configured ledger backend."""
-    if config.monitoring.ledger == "registry":
-        return RegistryLedger(config)
-    return FileLedger(Path(config.state_dir) / "monitoring" / LEDGER_FILE)
-
-
-def read_ledger(config: TuneloopConfig) -> list[dict]:
-    """Every run the ledger records, oldest first."""
-    return ledger_for(config).load()
-
-
-def lock_path(config: TuneloopConfig) -> Path:
-    return Path(config.state_dir) / "monitoring" / ".retraining.lock"
-
-
-@contextlib.contextmanager
-def _exclusive(path: Path, timeout: float) -> Iterator[bool]:
-    """Hold an exclusive ``flock`` on ``path``; yields False when it stays taken for ``timeout`` s."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows: no cross-process guard
-        yield True
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    yield False
-                    return
-                time.sleep(0.05)
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def _wall_clock() -> str:
+    """The real time (claims and heartbeats; the injectable ``now`` is only for the cooldown)."""
+    return dt.datetime.now(dt.timezone.utc).isoformat()
 
 
 def _utc(moment: dt.datetime | None) -> dt.datetime:
@@ -397,4 +433,3 @@ def _utc(moment: dt.datetime | None) -> dt.datetime:
 
 def _parse_time(text: str) -> dt.datetime:
     return _utc(dt.datetime.fromisoformat(text))
-

@@ -1,10 +1,12 @@
-"""Alert delivery: JSONL sink, Slack-compatible webhook with retries, spool of undelivered alerts."""
+"""Alert delivery: the alert log in the state database, Slack-compatible webhook with retries (Retry-After,
+no retry on 4xx), the shared spool of undelivered alerts, delivered exactly once by racing senders."""
 
 from __future__ import annotations
 
 import json
 import socket
 import threading
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pandas as pd
@@ -22,6 +24,7 @@ class Hook:
     def __init__(self) -> None:
         self.bodies: list[dict] = []
         self.status = 200
+        self.headers: dict[str, str] = {}
         hook = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -29,6 +32,8 @@ class Hook:
                 length = int(self.headers.get("Content-Length", 0))
                 hook.bodies.append(json.loads(self.rfile.read(length)))
                 self.send_response(hook.status)
+                for name, value in hook.headers.items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(b"ok")
 
@@ -71,14 +76,16 @@ def retry():
     return alerts.RetryPolicy(attempts=3, backoff_seconds=0.5, factor=2.0, timeout_seconds=2, sleep=Sleeps())
 
 
-def test_without_a_webhook_the_alert_goes_to_jsonl(tmp_path, monkeypatch, capsys):
+def test_without_a_webhook_the_alert_is_recorded_in_the_state_database(tmp_path, monkeypatch, capsys):
     config = make_config(tmp_path)
     monkeypatch.delenv("TUNELOOP_WEBHOOK_URL", raising=False)
     alert = alerts.send_alert(config, "pipeline_failed", "run x failed", {"run": "x"})
     assert alert["webhook"] == "not configured" and alert["spooled"] is False
-    assert [a["kind"] for a in alerts.read_alerts(config)] == ["pipeline_failed"]
+    assert [(a["kind"], a["webhook"]) for a in alerts.read_alerts(config)] == [("pipeline_failed", "not configured")]
     assert alerts.read_spool(config) == []
     assert "alert [pipeline_failed]" in capsys.readouterr().out
+    # the local world also keeps the JSONL file for people to read
+    assert [json.loads(line)["kind"] for line in config.alerts_path.read_text().splitlines()] == ["pipeline_failed"]
 
 
 def test_delivered_alert_is_slack_compatible(tmp_path, monkeypatch, hook, retry):
@@ -113,7 +120,7 @@ def test_unreachable_webhook_is_retried_spooled_and_sent_on_the_next_run(tmp_pat
     assert alerts.read_spool(config) == []
 
     # the webhook URL is a secret: it appears in no output and no file
-    written = capsys.readouterr().out + config.alerts_path.read_text()
+    written = capsys.readouterr().out + config.alerts_path.read_text() + json.dumps(alerts.read_alerts(config))
     assert SECRET_PATH not in written and "s3cr3t" not in written
 
 
@@ -139,7 +146,79 @@ def test_resend_stops_at_the_first_failure(tmp_path, monkeypatch, dead_url, retr
     assert (result.delivered, result.remaining) == (0, 3)
     assert retry.sleep == [0.5, 1.0], "one retry sequence, not one per spooled alert"
     # every send re-tried the oldest alert first (and queued the new one behind it without a try)
-    assert [a["attempts"] for a in alerts.read_spool(config)] == [4, 1, 1]
+    assert [a["attempts"] for a in alerts.read_spool(config)] == [4, 0, 0]
+
+
+def test_a_4xx_is_not_retried_and_the_alert_stays_spooled(tmp_path, monkeypatch, hook, retry):
+    config = make_config(tmp_path)
+    hook.status = 404
+    monkeypatch.setenv("TUNELOOP_WEBHOOK_URL", hook.url)
+    alert = alerts.send_alert(config, "drift_detected", "gone", retry=retry)
+    assert alert["spooled"] and len(hook.bodies) == 1 and retry.sleep == []
+    assert alerts.read_spool(config)[0]["last_error"] == "HTTP 404"
+
+
+def test_retry_after_is_honoured(tmp_path, monkeypatch, hook, retry):
+    config = make_config(tmp_path)
+    hook.status, hook.headers = 429, {"Retry-After": "7"}
+    monkeypatch.setenv("TUNELOOP_WEBHOOK_URL", hook.url)
+    alert = alerts.send_alert(config, "drift_detected", "slow down", retry=retry)
+    assert alert["spooled"] and len(hook.bodies) == 3
+    assert retry.sleep == [7.0, 7.0], "Retry-After (7 s) beats the backoff (0.5 s, 1 s)"
+
+
+def test_spool_is_shared_a_monitor_from_another_directory_delivers_it(tmp_path, monkeypatch, dead_url, hook, retry):
+    """Two pods: separate state_dirs (scratch), one shared state database."""
+    database = tmp_path / "shared" / "state.db"
+    monkeypatch.setenv("TUNELOOP_TEST_STATE_DB", f"sqlite:///{database}")
+    shared = {"state": {"database_url_env": "TUNELOOP_TEST_STATE_DB"}}
+    pod_a, pod_b = make_config(tmp_path / "a", **shared), make_config(tmp_path / "b", **shared)
+    monkeypatch.setenv("TUNELOOP_WEBHOOK_URL", dead_url)
+    assert alerts.send_alert(pod_a, "drift_detected", "from pod a", retry=retry)["spooled"]
+    monkeypatch.setenv("TUNELOOP_WEBHOOK_URL", hook.url)
+    result = alerts.resend_spooled(pod_b, retry=retry)
+    assert (result.delivered, result.remaining) == (1, 0)
+    assert [body["tuneloop"]["message"] for body in hook.bodies] == ["from pod a"]
+    assert alerts.read_spool(pod_a) == [] and alerts.read_alerts(pod_a)[0]["webhook"] == "delivered"
+
+
+def test_racing_senders_deliver_each_spooled_alert_exactly_once(tmp_path, monkeypatch, dead_url, hook, retry,
+                                                               postgres_url):
+    monkeypatch.setenv("TUNELOOP_TEST_STATE_DB", postgres_url)
+    config = make_config(tmp_path, name=f"spool-{uuid.uuid4().hex[:8]}",
+                         state={"database_url_env": "TUNELOOP_TEST_STATE_DB"})
+    monkeypatch.setenv("TUNELOOP_WEBHOOK_URL", dead_url)
+    for n in range(6):
+        alerts.send_alert(config, "drift_detected", f"alert {n}", retry=retry)
+    assert alerts.spool_size(config) == 6
+    monkeypatch.setenv("TUNELOOP_WEBHOOK_URL", hook.url)
+    barrier = threading.Barrier(4)
+    results = []
+
+    def sender() -> None:
+        barrier.wait()
+        results.append(alerts.resend_spooled(config, retry=retry).delivered)
+
+    threads = [threading.Thread(target=sender) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    messages = [body["tuneloop"]["message"] for body in hook.bodies]
+    assert sorted(messages) == [f"alert {n}" for n in range(6)], "each alert sent exactly once"
+    assert sum(results) == 6 and alerts.spool_size(config) == 0
+
+
+def test_an_unreachable_state_database_is_a_retryable_error_naming_it(tmp_path, monkeypatch, dead_url, retry):
+    from tuneloop.errors import ServiceUnavailableError
+
+    port = dead_url.split(":")[2].split("/")[0]
+    monkeypatch.setenv("TUNELOOP_TEST_STATE_DB", f"postgresql://tuneloop:pa55word@127.0.0.1:{port}/state")
+    config = make_config(tmp_path, state={"database_url_env": "TUNELOOP_TEST_STATE_DB"})
+    monkeypatch.setenv("TUNELOOP_WEBHOOK_URL", dead_url)
+    with pytest.raises(ServiceUnavailableError, match="postgres") as caught:
+        alerts.send_alert(config, "drift_detected", "x", retry=retry)
+    assert "pa55word" not in str(caught.value) and caught.value.exit_code == 75
 
 
 def test_malformed_webhook_url_is_spooled_and_never_logged(tmp_path, monkeypatch, retry, capsys):
@@ -147,8 +226,8 @@ def test_malformed_webhook_url_is_spooled_and_never_logged(tmp_path, monkeypatch
     monkeypatch.setenv("TUNELOOP_WEBHOOK_URL", "notaurl-s3cr3t")
     alert = alerts.send_alert(config, "drift_detected", "x", retry=retry)
     assert alert["spooled"]
-    spool = alerts.spool_path(config).read_text()
-    assert "s3cr3t" not in spool and "s3cr3t" not in capsys.readouterr().out
+    stored = json.dumps(alerts.read_alerts(config))
+    assert "s3cr3t" not in stored and "s3cr3t" not in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------------------------

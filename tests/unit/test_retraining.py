@@ -6,6 +6,8 @@ import datetime as dt
 import json
 import socket
 import threading
+import time
+import uuid
 
 import pandas as pd
 import pytest
@@ -75,7 +77,7 @@ def test_concurrent_monitors_start_exactly_one_run(tmp_path):
     for thread in threads:
         thread.join()
     assert len(launcher.requests) == 1
-    assert sorted(results) == ["cooldown", "cooldown", "cooldown", "started"]
+    assert results.count("started") == 1 and set(results) <= {"started", "busy", "cooldown"}, results
 
 
 def test_the_same_report_never_starts_two_runs(tmp_path):
@@ -87,13 +89,53 @@ def test_the_same_report_never_starts_two_runs(tmp_path):
     assert len(launcher.requests) == 1
 
 
-def test_a_busy_ledger_starts_nothing(tmp_path):
+def test_a_live_claim_of_another_monitor_starts_nothing(tmp_path):
     config = make_config(tmp_path)
+    ledger = retraining.Ledger(config)
+    claim = ledger.claim(request("drift-other"), now=NOW, cooldown=dt.timedelta(hours=24), find_run=None)
+    assert claim.outcome is None and claim.claim_id is not None
     launcher = FakeLauncher()
-    with retraining._exclusive(retraining.lock_path(config), 1.0) as held:
-        assert held
-        outcome = retraining.trigger_retraining(config, request(), launcher=launcher, now=NOW, lock_timeout=0.2)
-    assert outcome.status == "busy" and launcher.requests == []
+    outcome = retraining.trigger_retraining(config, request("drift-mine"), launcher=launcher, now=NOW)
+    assert outcome.status == "busy" and "drift-other" in outcome.message and launcher.requests == []
+
+
+def test_a_held_ledger_lock_is_busy_after_the_lock_timeout(tmp_path):
+    from tuneloop import state_store
+
+    config = make_config(tmp_path, state={"lock_timeout_s": 0.3})
+    launcher = FakeLauncher()
+    with state_store.transaction(config, lock=retraining.Ledger(config).lock):
+        outcome = retraining.trigger_retraining(config, request(), launcher=launcher, now=NOW)
+    assert outcome.status == "busy" and "lock" in outcome.message and launcher.requests == []
+
+
+def test_a_stale_claim_whose_run_exists_is_recorded_not_launched_again(tmp_path, monkeypatch):
+    config = make_config(tmp_path)
+    retraining.Ledger(config).claim(request("drift-a"), now=NOW, cooldown=dt.timedelta(hours=24), find_run=None)
+    monkeypatch.setattr(retraining, "CLAIM_LEASE_SECONDS", 0.0)  # its monitor died mid-launch
+    looked_up = []
+
+    def find_run(cfg, run_name):
+        looked_up.append(run_name)
+        return "kfp-run-7"
+
+    launcher = FakeLauncher()
+    retried = retraining.trigger_retraining(config, request("drift-a"), launcher=launcher, find_run=find_run, now=NOW)
+    assert looked_up == ["tuneloop-retrain-drift-a"] and launcher.requests == []
+    assert retried.status == "duplicate" and retried.run_id == "kfp-run-7"
+    (entry,) = retraining.read_ledger(config)
+    assert (entry["status"], entry["run_id"]) == ("started", "kfp-run-7")
+
+
+def test_a_stale_claim_without_a_run_is_dropped_and_the_next_monitor_starts_one(tmp_path, monkeypatch):
+    config = make_config(tmp_path)
+    retraining.Ledger(config).claim(request("drift-a"), now=NOW, cooldown=dt.timedelta(hours=24), find_run=None)
+    monkeypatch.setattr(retraining, "CLAIM_LEASE_SECONDS", 0.0)
+    launcher = FakeLauncher()
+    outcome = retraining.trigger_retraining(config, request("drift-b"), launcher=launcher,
+                                            find_run=lambda cfg, name: None, now=NOW)
+    assert outcome.status == "started" and [r.report_id for r in launcher.requests] == ["drift-b"]
+    assert [e["report_id"] for e in retraining.read_ledger(config)] == ["drift-b"]
 
 
 def test_trigger_none_only_alerts(tmp_path):
@@ -158,21 +200,91 @@ def test_missing_training_pipeline_file_is_an_error(tmp_path):
     assert retraining.read_ledger(config) == []
 
 
-def test_registry_ledger(tmp_path):
-    from mlflow.tracking import MlflowClient
-
-    from tuneloop import registry
-
-    config = make_config(tmp_path, monitoring={"ledger": "registry"})
-    registry.client(config).create_registered_model(config.registry.model_name)
+def test_the_ledger_is_per_project(tmp_path):
     launcher = FakeLauncher()
-    first = retraining.trigger_retraining(config, request("drift-a"), launcher=launcher, now=NOW)
-    second = retraining.trigger_retraining(config, request("drift-b"), launcher=launcher,
-                                           now=NOW + dt.timedelta(hours=1))
-    assert (first.status, second.status) == ("started", "cooldown") and len(launcher.requests) == 1
-    model = MlflowClient(config.tracking_uri, config.tracking_uri).get_registered_model(config.registry.model_name)
-    assert json.loads(model.tags[retraining.LEDGER_TAG])[0]["run_id"] == "run-1"
-    assert not (tmp_path / "state" / "monitoring" / retraining.LEDGER_FILE).exists()
+    first = make_config(tmp_path, name="first")
+    second = make_config(tmp_path, name="second")
+    assert retraining.trigger_retraining(first, request("drift-a"), launcher=launcher, now=NOW).status == "started"
+    assert retraining.trigger_retraining(second, request("drift-a"), launcher=launcher, now=NOW).status == "started"
+    assert len(launcher.requests) == 2
+
+
+def test_ledger_registry_is_refused_with_the_field_named(tmp_path):
+    from tuneloop.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="monitoring.ledger"):
+        make_config(tmp_path, monitoring={"ledger": "registry"})
+
+
+# --------------------------------------------------------------------------------------------
+# Racing monitors in separate processes, against SQLite and against a real Postgres
+
+RACERS = 4
+
+
+class CountingLauncher:
+    """Appends one line per run it starts to a file every process shares (O_APPEND), slowly enough
+    that the racers overlap."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __call__(self, config, request: RetrainingRequest) -> LaunchedRun:
+        with open(self.path, "a", encoding="utf-8") as launches:
+            launches.write(request.report_id + "\n")
+        time.sleep(0.3)
+        return LaunchedRun(run_id=f"run-{request.report_id}", run_name=request.run_name, mode="fake")
+
+
+def _race_one(config_json: str, report_id: str, launches: str, barrier, results) -> None:
+    from tuneloop.config import TuneloopConfig
+
+    config = TuneloopConfig.from_json(config_json)
+    barrier.wait()
+    try:
+        outcome = retraining.trigger_retraining(config, request(report_id), launcher=CountingLauncher(launches),
+                                                now=NOW)
+        results.put(outcome.status)
+    except Exception as error:  # reported to the parent, which fails the test with it
+        results.put(f"error: {error}")
+
+
+def race_monitors(config, launches_path) -> list[str]:
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(RACERS), context.Queue()
+    racers = [context.Process(target=_race_one, args=(config.to_json(), f"drift-{n}", str(launches_path), barrier,
+                                                      results)) for n in range(RACERS)]
+    for racer in racers:
+        racer.start()
+    statuses = [results.get(timeout=120) for _ in racers]
+    for racer in racers:
+        racer.join(timeout=30)
+    return sorted(statuses)
+
+
+def test_monitors_racing_in_separate_processes_start_one_run_sqlite(tmp_path):
+    config = make_config(tmp_path)
+    statuses = race_monitors(config, tmp_path / "launches.txt")
+    launched = (tmp_path / "launches.txt").read_text().split()
+    assert len(launched) == 1, statuses
+    assert statuses.count("started") == 1 and set(statuses) <= {"started", "busy", "cooldown"}, statuses
+    assert [e["report_id"] for e in retraining.read_ledger(config)] == launched
+
+
+def test_monitors_racing_in_separate_processes_start_one_run_postgres(tmp_path, postgres_url, monkeypatch):
+    monkeypatch.setenv("TUNELOOP_TEST_STATE_DB", postgres_url)
+    config = make_config(tmp_path, name=f"race-{uuid.uuid4().hex[:8]}", state={"database_url_env": "TUNELOOP_TEST_STATE_DB"})
+    statuses = race_monitors(config, tmp_path / "launches.txt")
+    launched = (tmp_path / "launches.txt").read_text().split()
+    assert len(launched) == 1, statuses
+    assert statuses.count("started") == 1 and set(statuses) <= {"started", "busy", "cooldown"}, statuses
+    (entry,) = retraining.read_ledger(config)
+    assert entry["report_id"] == launched[0] and entry["status"] == "started"
+    again = retraining.trigger_retraining(config, request(launched[0]), launcher=CountingLauncher(
+        str(tmp_path / "launches.txt")), now=NOW)
+    assert again.status == "duplicate" and len((tmp_path / "launches.txt").read_text().split()) == 1
 
 
 # --------------------------------------------------------------------------------------------
