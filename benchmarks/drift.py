@@ -55,7 +55,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tuneloop import monitoring  # noqa: E402
+from tuneloop import monitoring, prediction_log  # noqa: E402
 from tuneloop.config import SplitConfig, parse_config, resolve_config_paths  # noqa: E402
 from tuneloop.datasets import assign_split  # noqa: E402
 from tuneloop.features import STATISTIC_COLUMNS, text_statistics  # noqa: E402
@@ -118,9 +118,10 @@ def log_frame(texts: list[str], model, when: pd.Timestamp = NOW) -> pd.DataFrame
     probabilities = model.predict_proba(texts)
     classes = list(model.classes_)
     best = probabilities.argmax(axis=1)
+    served = pd.date_range(end=when, periods=len(texts), freq="s", tz="UTC")
     frame = pd.DataFrame({
-        "request_id": [uuid.uuid4().hex for _ in texts],
-        "timestamp": pd.date_range(end=when, periods=len(texts), freq="s", tz="UTC"),
+        "request_id": [prediction_log.new_request_id(moment) for moment in served],
+        "timestamp": served,
         "model_version": VERSION,
         "text": texts,
     })
@@ -133,11 +134,9 @@ def log_frame(texts: list[str], model, when: pd.Timestamp = NOW) -> pd.DataFrame
 
 
 def write_log(folder: Path, frame: pd.DataFrame, rows_per_file: int) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for number, start in enumerate(range(0, len(frame), rows_per_file)):
-        chunk = frame.iloc[start:start + rows_per_file]
-        chunk.to_parquet(folder / f"predictions-{NOW:%Y%m%dT%H%M%S}{number:06d}Z-1-{number:06d}-bench.parquet",
-                         index=False)
+    """The frame as the serving replicas would log it, one flush per ``rows_per_file`` records."""
+    for start in range(0, len(frame), rows_per_file):
+        prediction_log.append(str(folder), frame.iloc[start:start + rows_per_file])
 
 
 def make_config(state_dir: Path, **monitoring_settings):

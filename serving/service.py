@@ -11,7 +11,9 @@ Endpoints:
 - ``POST /predict`` ``{"texts": ["...", ...]}`` -> ``[{"request_id", "label", "confidence",
   "probabilities", "model_version"}, ...]``, one result per text, in order.
 - ``POST /feedback`` ``{"request_id": "...", "label": "..."}``: the true label of an earlier
-  prediction (404 for an unknown id, 422 for a label the model does not know).
+  prediction, served by this replica or any other (404 for an id no replica logged, with
+  ``Retry-After`` while it may still wait in a replica's buffer; 422 for a label the model does not
+  know; 503 with ``Retry-After`` while the prediction log's store does not answer).
 - ``GET /livez``, ``/readyz`` (200 only once the model is loaded), ``/metrics`` (Prometheus: BentoML's
   request metrics, ``tuneloop_predictions_total{label, model_version}``, feedback and log counters).
 
@@ -77,7 +79,7 @@ class TuneloopService:
         try:
             return await anyio.to_thread.run_sync(self.runtime.record_feedback, request_id, label)
         except FeedbackError as error:
-            return JSONResponse({"error": error.message}, status_code=error.status)
+            return JSONResponse({"error": error.message}, status_code=error.status, headers=error.headers)
 
     def __is_ready__(self) -> bool:
         return self.runtime.ready

@@ -1,10 +1,12 @@
 """Drift monitoring of served traffic with Evidently, and the loop around it (``tuneloop monitor``).
 
-**Current data** is the prediction log the BentoML service writes (:mod:`tuneloop.serving`: Parquet
-files under ``deployment.prediction_log_uri``, any fsspec URI) over a window: a duration back from
-now (``24h``, ``90m``, ``7d``) or the most recent N records (``5000``). Files whose flush time lies
-before a time window are not opened. A file that cannot be read (corrupt, truncated, missing a
-column) is skipped and named in the report; the rest is used.
+**Current data** is the prediction log the serving replicas write (:mod:`tuneloop.prediction_log`: a
+Hive-partitioned Parquet dataset under ``deployment.prediction_log_uri``, shared by all replicas) over
+a window: a duration back from now (``24h``, ``90m``, ``7d``) or the most recent N records (``5000``).
+Only the ``date=/hour=`` partitions of the window are listed and opened, newest first for a record
+count, and only the columns the report uses are read. A file that cannot be read (corrupt,
+truncated, missing a column) is skipped and named in the report; the rest is used. An unreachable
+store is an error to retry (exit 75), never "insufficient data".
 
 **Model versions.** Only records of the *monitored version* are analysed: ``deployment.model_version``
 when the server is pinned to one, else the ``champion``. Records of every other version (the previous
@@ -60,31 +62,31 @@ import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 
 from tuneloop.config import TuneloopConfig
 from tuneloop.errors import ConfigError, DataError, RegistryError, TuneloopError
 from tuneloop.features import STATISTIC_COLUMNS, text_statistics
-from tuneloop.serving import (
-    FEEDBACK_PREFIX,
-    PREDICTIONS_PREFIX,
-    feedback_log_uri,
-    log_files,
+from tuneloop.prediction_log import (
+    FEEDBACK,
+    MODEL_VERSION,
+    PREDICTED_LABEL as PREDICTION,
+    PREDICTIONS,
+    REQUEST_ID,
+    TEXT,
+    TIMESTAMP,
+    LABEL as FEEDBACK_LABEL,
+    LogRead,
     prediction_log_uri,
+    read_log,
 )
 
 STAGE = "monitoring"
 
-# Columns of the prediction log (written by tuneloop.serving, which names them only in its records).
-REQUEST_ID = "request_id"
-TIMESTAMP = "timestamp"
-MODEL_VERSION = "model_version"
-TEXT = "text"
-PREDICTION = "predicted_label"
-FEEDBACK_LABEL = "label"
 LOG_COLUMNS = (REQUEST_ID, TIMESTAMP, MODEL_VERSION, TEXT, PREDICTION)
+"""Prediction-log columns the drift check needs (the text statistics are read when present)."""
 
 CATEGORICAL_STATISTICS = ("has_url", "has_phone_number")
 NUMERICAL_STATISTICS = tuple(name for name in STATISTIC_COLUMNS if name not in CATEGORICAL_STATISTICS)
@@ -103,7 +105,6 @@ TEXT_METHOD = "abs_text_content_drift"
 ALERT_COLUMNS = 6
 """Drifted columns named in an alert's message (the details list them all)."""
 REFERENCE_SEED = 0
-_FLUSH_TIME = re.compile(r"-(\d{8}T\d{6})(\d*)Z-")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
@@ -151,70 +152,6 @@ def parse_window(spec: str | int) -> Window:
 
 
 @dataclass
-class LogRead:
-    """Records read from a log folder, and what was skipped on the way."""
-
-    frame: pd.DataFrame
-    files_read: list[str] = field(default_factory=list)
-    files_skipped: list[dict] = field(default_factory=list)
-    files_before_window: int = 0
-
-
-def read_log_files(
-    uri: str,
-    prefix: str = PREDICTIONS_PREFIX,
-    *,
-    required: tuple[str, ...] = LOG_COLUMNS,
-    since: pd.Timestamp | None = None,
-    enough: Callable[[list[pd.DataFrame]], bool] | None = None,
-) -> LogRead:
-    """Read the log files under ``uri``, newest first, skipping (and naming) unreadable ones.
-
-    Args:
-        since: files flushed before this time hold only older records and are not opened.
-        enough: called after each file with the frames read so far; True stops reading.
-    """
-    import fsspec
-    import pyarrow.parquet as pq
-
-    fs, _ = fsspec.core.url_to_fs(uri)
-    result = LogRead(frame=pd.DataFrame(columns=list(required)))
-    frames: list[pd.DataFrame] = []
-    for path in reversed(log_files(uri, prefix)):
-        flushed = _flush_time(path)
-        if since is not None and flushed is not None and flushed < since:
-            result.files_before_window += 1
-            continue
-        try:
-            with fs.open(path, "rb") as handle:
-                frame = pq.read_table(handle).to_pandas()
-        except Exception as error:  # pyarrow raises several types for a corrupt or truncated file
-            result.files_skipped.append({"path": path, "reason": _first_line(f"{type(error).__name__}: {error}")})
-            continue
-        missing = [column for column in required if column not in frame.columns]
-        if missing:
-            result.files_skipped.append({"path": path, "reason": f"missing columns {', '.join(missing)}"})
-            continue
-        result.files_read.append(path)
-        frames.append(frame)
-        if enough is not None and enough(frames):
-            break
-    if frames:
-        result.frame = pd.concat(frames, ignore_index=True)
-    return result
-
-
-def _flush_time(path: str) -> pd.Timestamp | None:
-    match = _FLUSH_TIME.search(path.rsplit("/", 1)[-1])
-    if not match:
-        return None
-    try:
-        return pd.Timestamp(dt.datetime.strptime(match.group(1), "%Y%m%dT%H%M%S"), tz="UTC") + pd.Timedelta(seconds=1)
-    except ValueError:
-        return None
-
-
-@dataclass
 class CurrentData:
     """The monitored version's records in the window, and what was left out."""
 
@@ -230,35 +167,27 @@ class CurrentData:
 
 
 def load_current(config: TuneloopConfig, window: Window, version: str | None, *, now: pd.Timestamp) -> CurrentData:
-    """The prediction-log records of ``version`` in ``window`` (oldest first)."""
+    """The prediction-log records of ``version`` in ``window`` (oldest first).
+
+    Raises:
+        ServiceUnavailableError: the log's store does not answer.
+    """
     uri = prediction_log_uri(config)
     start = now - pd.Timedelta(window.duration) if window.duration else None
-
-    def enough(frames: list[pd.DataFrame]) -> bool:
-        if not window.records:
-            return False
-        return sum(int((f[MODEL_VERSION].astype(str) == str(version)).sum()) for f in frames) >= window.records
-
-    read = read_log_files(uri, PREDICTIONS_PREFIX, since=start, enough=enough)
+    read = read_log(uri, PREDICTIONS, start=start, end=now, last=window.records,
+                    columns=[*LOG_COLUMNS, *STATISTIC_COLUMNS], required=LOG_COLUMNS,
+                    version=None if version is None else str(version))
     frame = read.frame
+    rows_in_window = len(frame) + sum(read.other_versions.values())
     if not frame.empty:
         frame = frame.copy()
-        frame[TIMESTAMP] = pd.to_datetime(frame[TIMESTAMP], utc=True, errors="coerce")
         frame[MODEL_VERSION] = frame[MODEL_VERSION].astype(str)
-        frame = frame[frame[TIMESTAMP].notna() & (frame[TIMESTAMP] <= now)]
-        if start is not None:
-            frame = frame[frame[TIMESTAMP] >= start]
-    rows_in_window = len(frame)
-    other_versions: dict[str, int] = {}
-    if not frame.empty:
-        keep = frame[MODEL_VERSION] == str(version)
-        other_versions = {str(k): int(v) for k, v in frame.loc[~keep, MODEL_VERSION].value_counts().items()}
-        frame = frame[keep].sort_values(TIMESTAMP, kind="stable")
+        frame = frame[frame[TIMESTAMP].notna()].sort_values(TIMESTAMP, kind="stable")
         if window.records:
             frame = frame.tail(window.records)
     return CurrentData(
         frame=frame.reset_index(drop=True), window=window, start=start, end=now, log_uri=uri,
-        files_read=read.files_read, files_skipped=read.files_skipped, other_versions=other_versions,
+        files_read=read.files_read, files_skipped=read.files_skipped, other_versions=read.other_versions,
         rows_in_window=rows_in_window,
     )
 
@@ -732,7 +661,8 @@ def feedback_quality(config: TuneloopConfig, current: pd.DataFrame, version_tags
     fewer than ``monitoring.min_feedback_rows``), and the Evidently classification snapshot."""
     from tuneloop.registry import TAG_PREFIX
 
-    read = read_log_files(feedback_log_uri(config), FEEDBACK_PREFIX, required=(REQUEST_ID, FEEDBACK_LABEL))
+    served = current[TIMESTAMP] if TIMESTAMP in current.columns and not current.empty else None
+    read = read_feedback_for(config, served)
     for skipped in read.files_skipped:
         print(f"[monitoring] skipped unreadable feedback file {skipped['path']}: {skipped['reason']}", flush=True)
     feedback = read.frame
@@ -777,6 +707,17 @@ def feedback_quality(config: TuneloopConfig, current: pd.DataFrame, version_tags
     except Exception as error:  # the numbers above stand; only the quality section of the HTML is lost
         summary["report_error"] = _first_line(f"{type(error).__name__}: {error}")
     return summary, snapshot
+
+
+def read_feedback_for(config: TuneloopConfig, served: pd.Series | None) -> LogRead:
+    """The feedback labels of predictions served between the first and last of ``served`` (their
+    partitions only; all feedback when None)."""
+    start = end = None
+    if served is not None and served.notna().any():
+        # served_at is the request id's time, to the millisecond
+        start, end = served.min().floor("ms").to_pydatetime(), served.max().to_pydatetime()
+    return read_log(prediction_log_uri(config), FEEDBACK, start=start, end=end,
+                    columns=[REQUEST_ID, TIMESTAMP, FEEDBACK_LABEL], required=(REQUEST_ID, FEEDBACK_LABEL))
 
 
 def decide(config: TuneloopConfig, columns: list[dict], quality: dict | None) -> tuple[str, list[str]]:

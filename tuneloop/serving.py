@@ -8,52 +8,40 @@
   nothing a client sends can reach the model in a shape that makes it fail with a 5xx.
 - :func:`fetch_model`: a registry version (the ``champion`` alias by default) downloaded once into
   ``<state_dir>/serving/models/<model>/<version>``.
-- :class:`ServingRuntime`: the loaded model, prediction, feedback and the prediction log.
-- :class:`ParquetLogWriter`: buffered Parquet writes off the request path (a thread and a queue).
+- :class:`ServingRuntime`: the loaded model, prediction and feedback.
 
-Prediction log (``deployment.prediction_log_uri``, an fsspec URI, default ``<state_dir>/predictions``):
-one Parquet file per flush, named ``predictions-<UTC time>-<pid>-<seq>-<random>.parquet``, each row
-``request_id, timestamp (UTC), model_version, text, <text_statistics features>, predicted_label,
-confidence, probability_<label>...``. Feedback rows (``request_id, timestamp, label, model_version,
-predicted_label``) go to ``<uri>/feedback/``. Read them with :func:`read_prediction_log` and
-:func:`read_feedback` (a recursive reader of ``<uri>`` would mix the two). A flush happens every
-``log_flush_records`` records, every ``log_flush_seconds`` seconds and on shutdown, so a clean stop
-loses nothing and a crash (SIGKILL, OOM) loses at most the records of the last ``log_flush_seconds``
-(and fewer than ``log_flush_records``). When the store is unreachable, records wait in memory up to
-``log_max_buffered``; beyond that new records are dropped and counted
-(``tuneloop_prediction_log_dropped_total``), never failing a request.
-
-Each served text gets its own ``request_id``; ``POST /feedback`` takes one of them and the true
-label. Ids are looked up among the most recent predictions of this process, then in the flushed log.
+Every served text gets its own ``request_id`` and one record in the prediction log
+(:mod:`tuneloop.prediction_log`: the format, the buffered writer, the lookup). ``POST /feedback``
+takes one of those ids and the true label; any replica accepts it, for a request any replica served:
+the id names the partition of the shared log to look in. A prediction log that cannot be written
+never fails a request: records wait in memory (``deployment.log_max_buffered``), beyond that they are
+dropped and counted (``tuneloop_prediction_log_dropped_total``). Serving needs no database per request.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import functools
 import hmac
-import itertools
 import logging
 import os
-import queue
 import re
 import shutil
 import sys
 import tempfile
 import threading
-import time
-import uuid
-from collections import Counter, OrderedDict
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, ValidationInfo, field_validator
 
 from tuneloop.config import TuneloopConfig, load_config, resolve_config_paths
-from tuneloop.errors import ModelError, RegistryError, TuneloopError
+from tuneloop import prediction_log
+from tuneloop.errors import ModelError, RegistryError, ServiceUnavailableError, TuneloopError
+from tuneloop.prediction_log import LOG_URI_ENV, PROBABILITY_PREFIX, PredictionLog, PredictionNotFound
 
 logger = logging.getLogger("tuneloop.serving")
 
@@ -63,8 +51,6 @@ VERSION_ENV = "TUNELOOP_MODEL_VERSION"
 MODEL_DIR_ENV = "TUNELOOP_MODEL_DIR"
 """A local (Compressed) Model directory to serve instead of a registry version (tests, benchmarks,
 images with a baked-in model); its version label is ``$TUNELOOP_MODEL_VERSION`` or ``local``."""
-LOG_URI_ENV = "TUNELOOP_PREDICTION_LOG_DIR"
-"""Overrides ``deployment.prediction_log_uri`` (any fsspec URI), e.g. a volume in a pod."""
 MODEL_CACHE_ENV = "TUNELOOP_MODEL_CACHE_DIR"
 """Where downloaded model versions are kept (default ``$XDG_CACHE_HOME/tuneloop/models``, else
 ``<state_dir>/serving/models``)."""
@@ -79,15 +65,9 @@ OPEN_PATHS = frozenset({"/livez", "/healthz", "/readyz", "/metrics"})
 """Probe and metrics paths, reachable without the API key."""
 PREDICT_PATH = "/predict"
 FEEDBACK_PATH = "/feedback"
-FEEDBACK_DIR = "feedback"
-PREDICTIONS_PREFIX = "predictions"
-FEEDBACK_PREFIX = "feedback"
 INFERENCE_BATCH_SIZE = 8
 """Texts per forward pass inside one adaptive batch (sorted by length, so padding stays short)."""
-RECENT_IDS = 100_000
-"""Request ids remembered in memory for feedback; older ones are looked up in the flushed log."""
 WARMUP_TEXT = "tuneloop warm-up"
-PROBABILITY_PREFIX = "probability_"
 _COMPLETE_MARKER = ".tuneloop-complete"
 
 
@@ -169,11 +149,17 @@ class FeedbackResponse(BaseModel):
 
 
 class FeedbackError(TuneloopError):
-    """Feedback that cannot be recorded; ``status`` is the HTTP status to answer with."""
+    """Feedback that cannot be recorded; ``status`` is the HTTP status to answer with, ``retry_after``
+    (seconds) the ``Retry-After`` header when trying again later may succeed."""
 
-    def __init__(self, message: str, *, status: int, **context: Any) -> None:
+    def __init__(self, message: str, *, status: int, retry_after: int | None = None, **context: Any) -> None:
         super().__init__(message, stage=STAGE, **context)
         self.status = status
+        self.retry_after = retry_after
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)} if self.retry_after else {}
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,274 +331,6 @@ def _replay(body: bytes, receive):
         return await receive()
 
     return replay
-
-
-# --------------------------------------------------------------------------------------------
-# Prediction log
-
-
-class _Flush:
-    def __init__(self) -> None:
-        self.done = threading.Event()
-
-
-class _Stop(_Flush):
-    pass
-
-
-class ParquetLogWriter:
-    """Append records as Parquet files under an fsspec URI, buffered off the caller's thread.
-
-    :meth:`write` only puts records on a queue; a daemon thread collects them and writes one file
-    every ``flush_records`` records or ``flush_seconds`` seconds (whichever comes first), on
-    :meth:`flush`, and on :meth:`close` (also registered with ``atexit``). A failed write keeps the
-    records and retries after ``flush_seconds``; at most ``max_buffered`` records wait, beyond that
-    :meth:`write` drops new ones and counts them in :attr:`dropped`.
-
-    Args:
-        uri: folder URI (local path, ``file://``, ``s3://``, ``gs://``, ``memory://``...).
-        prefix: file name prefix.
-        transform: turns the buffered records into the DataFrame to write (in the writer thread).
-    """
-
-    def __init__(
-        self,
-        uri: str,
-        *,
-        prefix: str,
-        flush_records: int = 1000,
-        flush_seconds: float = 5.0,
-        max_buffered: int = 100_000,
-        transform: Callable[[list[dict[str, Any]]], Any] | None = None,
-        on_drop: Callable[[int], None] | None = None,
-    ) -> None:
-        import fsspec
-
-        self.uri = uri
-        self.fs, self.root = fsspec.core.url_to_fs(uri)
-        self.prefix = prefix
-        self.flush_records = int(flush_records)
-        self.flush_seconds = float(flush_seconds)
-        self.max_buffered = int(max_buffered)
-        self.transform = transform or _plain_frame
-        self.on_drop = on_drop
-        self.written = 0
-        self.dropped = 0
-        self.files: list[str] = []
-        self._local = _is_local(self.fs)
-        self._pending = 0
-        self._closed = False
-        self._lock = threading.Lock()
-        self._sequence = itertools.count()
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        try:
-            self.fs.makedirs(self.root, exist_ok=True)
-        except Exception as error:  # fsspec backends raise their own types
-            raise TuneloopError(f"cannot create the log folder {uri}: {error}", stage=STAGE, path=uri) from error
-        self._thread = threading.Thread(target=self._run, name=f"tuneloop-{prefix}-log", daemon=True)
-        self._thread.start()
-        atexit.register(self.close)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive() and not self._closed
-
-    def write(self, records: list[dict[str, Any]]) -> bool:
-        """Queue records for the next file; False (and counted as dropped) when the buffer is full or
-        the writer is closed."""
-        if not records:
-            return True
-        with self._lock:
-            if self._closed or self._pending + len(records) > self.max_buffered:
-                self.dropped += len(records)
-                reason = "closed" if self._closed else f"{self._pending} records already waiting"
-                logger.warning("prediction log %s: dropped %d records (%s)", self.uri, len(records), reason)
-                if self.on_drop is not None:
-                    self.on_drop(len(records))
-                return False
-            self._pending += len(records)
-        self._queue.put(records)
-        return True
-
-    def flush(self, timeout: float | None = 30.0) -> bool:
-        """Write everything queued so far; True when done within ``timeout``."""
-        if not self._thread.is_alive():
-            return self._pending == 0
-        marker = _Flush()
-        self._queue.put(marker)
-        return marker.done.wait(timeout) and self._pending == 0
-
-    def close(self, timeout: float | None = 30.0) -> None:
-        """Flush and stop the writer thread (idempotent)."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        marker = _Stop()
-        self._queue.put(marker)
-        self._thread.join(timeout)
-        if self._pending:
-            logger.error("prediction log %s: %d records could not be written before shutdown",
-                         self.uri, self._pending)
-        try:
-            atexit.unregister(self.close)
-        except Exception:  # pragma: no cover - atexit.unregister never raises in CPython
-            pass
-
-    def _run(self) -> None:
-        buffer: list[dict[str, Any]] = []
-        deadline: float | None = None
-        while True:
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                item = self._queue.get(timeout=timeout)
-            except queue.Empty:
-                item = None
-            if isinstance(item, list):
-                buffer.extend(item)
-                if deadline is None:
-                    deadline = time.monotonic() + self.flush_seconds
-                if len(buffer) < self.flush_records:
-                    continue
-            if buffer:
-                if self._write(buffer):
-                    buffer = []
-                    deadline = None
-                else:
-                    deadline = time.monotonic() + self.flush_seconds
-            if isinstance(item, _Flush):
-                item.done.set()
-                if isinstance(item, _Stop):
-                    return
-
-    def _write(self, records: list[dict[str, Any]]) -> bool:
-        try:
-            frame = self.transform(records)
-            name = (f"{self.prefix}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%fZ}-{os.getpid()}-"
-                    f"{next(self._sequence):06d}-{uuid.uuid4().hex[:8]}.parquet")
-            path = f"{self.root.rstrip('/')}/{name}"
-            _write_parquet(self.fs, frame, path, atomic=self._local)
-        except Exception:
-            logger.exception("prediction log %s: writing %d records failed; retrying in %.1fs",
-                             self.uri, len(records), self.flush_seconds)
-            return False
-        with self._lock:
-            self._pending -= len(records)
-            self.written += len(records)
-        self.files.append(path)
-        return True
-
-
-def _is_local(fs) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    return "file" in protocol or "local" in protocol
-
-
-def _plain_frame(records: list[dict[str, Any]]):
-    import pandas as pd
-
-    return pd.DataFrame.from_records(records)
-
-
-def _write_parquet(fs, frame, path: str, *, atomic: bool) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = pa.Table.from_pandas(frame, preserve_index=False)
-    if not atomic:  # object stores publish a file only when its upload completes
-        with fs.open(path, "wb") as handle:
-            pq.write_table(table, handle)
-        return
-    directory, name = path.rsplit("/", 1)
-    temporary = f"{directory}/.{name}.tmp"
-    with fs.open(temporary, "wb") as handle:
-        pq.write_table(table, handle)
-    fs.mv(temporary, path)
-
-
-def prediction_log_uri(config: TuneloopConfig, environ: Mapping[str, str] | None = None) -> str:
-    """The prediction log folder: ``$TUNELOOP_PREDICTION_LOG_DIR``, else ``deployment.prediction_log_uri``,
-    else ``<state_dir>/predictions`` (a relative local path is taken against the working directory)."""
-    environ = os.environ if environ is None else environ
-    uri = (environ.get(LOG_URI_ENV) or "").strip() or config.deployment.prediction_log_uri \
-        or str(Path(config.state_dir) / "predictions")
-    if "://" not in uri:
-        uri = str(Path(uri).resolve())
-    return uri.rstrip("/")
-
-
-def feedback_log_uri(config_or_uri: TuneloopConfig | str) -> str:
-    """``<prediction log>/feedback``."""
-    base = config_or_uri if isinstance(config_or_uri, str) else prediction_log_uri(config_or_uri)
-    return f"{base.rstrip('/')}/{FEEDBACK_DIR}"
-
-
-def log_files(uri: str, prefix: str = PREDICTIONS_PREFIX) -> list[str]:
-    """The finished Parquet files directly under ``uri`` whose names start with ``prefix``, oldest first."""
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(uri)
-    if not fs.exists(root):
-        return []
-    names = [entry for entry in fs.ls(root, detail=False)
-             if entry.rsplit("/", 1)[-1].startswith(f"{prefix}-") and entry.endswith(".parquet")]
-    return sorted(names, key=lambda entry: entry.rsplit("/", 1)[-1])
-
-
-def read_prediction_log(uri: str, columns: Sequence[str] | None = None):
-    """Every flushed prediction record under ``uri`` as one DataFrame (empty when there are none)."""
-    return _read_files(uri, PREDICTIONS_PREFIX, columns)
-
-
-def read_feedback(uri: str):
-    """Every flushed feedback record (``uri`` is the prediction log folder)."""
-    return _read_files(feedback_log_uri(uri), FEEDBACK_PREFIX, None)
-
-
-def _read_files(uri: str, prefix: str, columns: Sequence[str] | None):
-    import fsspec
-    import pandas as pd
-    import pyarrow.parquet as pq
-
-    fs, _ = fsspec.core.url_to_fs(uri)
-    frames = []
-    for path in log_files(uri, prefix):
-        with fs.open(path, "rb") as handle:
-            frames.append(pq.read_table(handle, columns=list(columns) if columns else None).to_pandas())
-    if not frames:
-        return pd.DataFrame(columns=list(columns) if columns else None)
-    return pd.concat(frames, ignore_index=True)
-
-
-def find_logged_prediction(uri: str, request_id: str) -> dict[str, Any] | None:
-    """The logged prediction with this id (model_version, predicted_label), or None."""
-    import fsspec
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    fs, _ = fsspec.core.url_to_fs(uri)
-    for path in reversed(log_files(uri)):
-        with fs.open(path, "rb") as handle:
-            table = pq.read_table(handle, columns=["request_id", "model_version", "predicted_label"])
-        rows = table.filter(pc.equal(table["request_id"], request_id))
-        if rows.num_rows:
-            return rows.slice(0, 1).to_pylist()[0]
-    return None
-
-
-def with_text_features(records: list[dict[str, Any]]):
-    """The prediction records as a DataFrame with the text-statistics features after ``text``
-    (computed by :func:`tuneloop.features.text_statistics`, the implementation training uses)."""
-    import pandas as pd
-
-    from tuneloop.features import text_statistics
-
-    frame = pd.DataFrame.from_records(records)
-    frame["timestamp"] = pd.to_datetime(frame["timestamp"], utc=True)
-    features = text_statistics(frame["text"])
-    position = list(frame.columns).index("text") + 1
-    head, tail = frame.iloc[:, :position], frame.iloc[:, position:]
-    return pd.concat([head, features.reset_index(drop=True), tail], axis=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -820,6 +538,7 @@ class ServingRuntime:
 
     Raises:
         RegistryError, ModelError: the model cannot be resolved, downloaded or loaded (start-up fails).
+        ServiceUnavailableError: the object store holding the prediction log does not answer.
     """
 
     def __init__(
@@ -838,19 +557,13 @@ class ServingRuntime:
         self.model = load_model(directory, resolved)
         self.limits = RequestLimits.from_config(config)
         self.policy = RequestPolicy(limits=self.limits, api_key=api_key or None)
-        self.log_uri = prediction_log_uri(config)
-        deployment = config.deployment
         self._predictions_counter, self._feedback_counter, dropped = _metrics()
-        writer_options = dict(flush_records=deployment.log_flush_records, flush_seconds=deployment.log_flush_seconds,
-                              max_buffered=deployment.log_max_buffered, on_drop=dropped.inc)
-        self.prediction_log = ParquetLogWriter(self.log_uri, prefix=PREDICTIONS_PREFIX, transform=with_text_features,
-                                               **writer_options)
-        self.feedback_log = ParquetLogWriter(feedback_log_uri(self.log_uri), prefix=FEEDBACK_PREFIX, **writer_options)
-        self._recent: OrderedDict[str, tuple[str, str]] = OrderedDict()
-        self._recent_lock = threading.Lock()
+        self.log = PredictionLog.from_config(config, on_drop=dropped.inc)
+        self.log_uri = self.log.uri
         self._closed = False
-        logger.info("serving %s version %s (%s) from %s; prediction log %s", config.registry.model_name,
-                    self.model.version, self.model.runtime, self.model.directory, self.log_uri)
+        logger.info("serving %s version %s (%s) from %s; prediction log %s (writer %s)", config.registry.model_name,
+                    self.model.version, self.model.runtime, self.model.directory,
+                    prediction_log.safe_uri(self.log_uri), self.log.writer_id)
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] | None = None) -> "ServingRuntime":
@@ -870,7 +583,7 @@ class ServingRuntime:
 
     @property
     def ready(self) -> bool:
-        return not self._closed and self.prediction_log.alive and self.feedback_log.alive
+        return not self._closed and self.log.alive
 
     def predict(self, texts: Sequence[str]) -> list[Prediction]:
         """Classify texts (one adaptive batch), log them, and answer one :class:`Prediction` each."""
@@ -884,7 +597,7 @@ class ServingRuntime:
         predictions, records = [], []
         for text, row in zip(texts, probabilities.tolist()):
             best = max(range(len(row)), key=row.__getitem__)
-            request_id = uuid.uuid4().hex
+            request_id = prediction_log.new_request_id(timestamp)
             prediction = Prediction(request_id=request_id, label=labels[best], confidence=row[best],
                                     probabilities=dict(zip(labels, row)), model_version=version)
             predictions.append(prediction)
@@ -892,8 +605,7 @@ class ServingRuntime:
                       "predicted_label": prediction.label, "confidence": prediction.confidence}
             record.update({f"{PROBABILITY_PREFIX}{label}": value for label, value in zip(labels, row)})
             records.append(record)
-        self._remember((p.request_id, p.label) for p in predictions)
-        self.prediction_log.write(records)
+        self.log.log_predictions(records)
         for label, count in Counter(p.label for p in predictions).items():
             self._predictions_counter.labels(label=label, model_version=version).inc(count)
         return predictions
@@ -901,55 +613,42 @@ class ServingRuntime:
     def record_feedback(self, request_id: str, label: str) -> FeedbackResponse:
         """Record the true label of an earlier prediction.
 
+        The id may come from any replica: it is looked up in this process's memory, then in the shared
+        prediction log (the partition its id names).
+
         Raises:
-            FeedbackError: 422 when the label is not one the model knows, 404 for an unknown id.
+            FeedbackError: 422 when the label is not one the model knows; 404 for an id that no replica
+                logged (with ``Retry-After`` when it is recent enough to be still unflushed); 503 when
+                the prediction log's store does not answer.
         """
         if label not in self.labels:
             raise FeedbackError(f"label {label!r} is not one of the model's labels {self.labels}",
                                 status=422, field="label")
-        known = self._lookup(request_id)
-        if known is None:
-            raise FeedbackError(f"no prediction with request_id {request_id!r} (unknown, or older than the "
-                                f"prediction log)", status=404, field="request_id")
-        version, predicted = known
-        self.feedback_log.write([{"request_id": request_id, "timestamp": datetime.now(timezone.utc), "label": label,
-                                  "model_version": version, "predicted_label": predicted}])
+        try:
+            found = self.log.find(request_id)
+        except PredictionNotFound as error:
+            raise FeedbackError(error.message, status=404, retry_after=error.retry_after,
+                                field="request_id") from error
+        except ServiceUnavailableError as error:
+            raise FeedbackError(f"cannot look up request_id {request_id!r} now: {error.message}", status=503,
+                                retry_after=max(1, round(self.log.flush_seconds))) from error
+        version, predicted = str(found["model_version"]), str(found["predicted_label"])
+        self.log.log_feedback(found, label)
         self._feedback_counter.labels(correct=str(predicted == label).lower(), model_version=version).inc()
         return FeedbackResponse(request_id=request_id, label=label, predicted_label=predicted, model_version=version)
 
     def flush(self, timeout: float | None = 30.0) -> bool:
         """Write every queued prediction and feedback record now."""
-        return self.prediction_log.flush(timeout) and self.feedback_log.flush(timeout)
+        return self.log.flush(timeout)
 
     def close(self) -> None:
         """Flush and stop the log writers (idempotent; called on shutdown)."""
         if self._closed:
             return
         self._closed = True
-        self.prediction_log.close()
-        self.feedback_log.close()
+        self.log.close()
         logger.info("prediction log closed: %d predictions, %d feedback records written, %d dropped",
-                    self.prediction_log.written, self.feedback_log.written,
-                    self.prediction_log.dropped + self.feedback_log.dropped)
-
-    def _remember(self, items: Iterable[tuple[str, str]]) -> None:
-        with self._recent_lock:
-            for request_id, label in items:
-                self._recent[request_id] = (self.model.version, label)
-            while len(self._recent) > RECENT_IDS:
-                self._recent.popitem(last=False)
-
-    def _lookup(self, request_id: str) -> tuple[str, str] | None:
-        with self._recent_lock:
-            known = self._recent.get(request_id)
-        if known is not None:
-            return known
-        try:
-            row = find_logged_prediction(self.log_uri, request_id)
-        except Exception:  # an unreadable log must not turn a feedback call into a 5xx
-            logger.exception("looking up request_id %s in %s failed", request_id, self.log_uri)
-            return None
-        return (str(row["model_version"]), str(row["predicted_label"])) if row else None
+                    self.log.predictions.written, self.log.feedback.written, self.log.dropped)
 
 
 def stop_server_on_startup_error(error: BaseException) -> None:

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import uuid
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from tests.conftest import make_config
-from tuneloop import monitoring, registry
+from tuneloop import monitoring, prediction_log, registry
 from tuneloop.artifacts import write_metadata
 from tuneloop.errors import ConfigError
 
@@ -40,40 +40,42 @@ def traffic(rows: int, seed: int, *, spam: float = 0.15, campaign: float = 0.0) 
     return pd.DataFrame.from_records(records)
 
 
-def write_log(config, texts: pd.DataFrame, *, version: str = "1", when: pd.Timestamp = NOW, name: str | None = None,
-              spread_minutes: int = 60) -> str:
-    """One prediction-log file as the server writes it (predicted label = the label here)."""
-    from tuneloop.serving import prediction_log_uri, with_text_features
-
+def log_records(texts: pd.DataFrame, *, version: str = "1", when: pd.Timestamp = NOW,
+                spread_minutes: int = 60) -> pd.DataFrame:
+    """Prediction-log records as the server makes them (predicted label = the label here), served
+    over the ``spread_minutes`` before ``when``."""
     offsets = np.linspace(spread_minutes, 1, len(texts)) if len(texts) else []
-    records = [{"request_id": uuid.uuid4().hex, "timestamp": (when - pd.Timedelta(seconds=int(m * 60))).to_pydatetime(),
-                "model_version": version, "text": text, "predicted_label": label, "confidence": 0.9,
-                "probability_ham": 0.9 if label == "ham" else 0.1, "probability_spam": 0.1 if label == "ham" else 0.9}
-               for text, label, m in zip(texts["text"], texts["label"], offsets)]
-    frame = with_text_features(records)
-    folder = prediction_log_uri(config)
-    import os
-
-    os.makedirs(folder, exist_ok=True)
-    name = name or f"predictions-{when:%Y%m%dT%H%M%S%f}Z-1-{uuid.uuid4().hex[:6]}-abcd1234.parquet"
-    path = f"{folder}/{name}"
-    frame.to_parquet(path, index=False)
-    return path
+    records = []
+    for text, label, minutes in zip(texts["text"], texts["label"], offsets):
+        served = (when - pd.Timedelta(seconds=int(minutes * 60))).to_pydatetime()
+        records.append({"request_id": prediction_log.new_request_id(served), "timestamp": served,
+                        "model_version": version, "text": text, "predicted_label": label, "confidence": 0.9,
+                        "probability_ham": 0.9 if label == "ham" else 0.1,
+                        "probability_spam": 0.1 if label == "ham" else 0.9})
+    return prediction_log.with_text_features(records)
 
 
-def write_feedback(config, log_path: str, *, wrong_share: float = 0.0, when: pd.Timestamp = NOW) -> None:
-    from tuneloop.serving import feedback_log_uri
+def write_log(config, texts: pd.DataFrame, **options) -> pd.DataFrame:
+    """Write one flush of prediction records to the config's log; returns them."""
+    frame = log_records(texts, **options)
+    assert prediction_log.append(prediction_log.prediction_log_uri(config), frame)
+    return frame
 
-    logged = pd.read_parquet(log_path)
+
+def write_feedback(config, logged: pd.DataFrame, *, wrong_share: float = 0.0, when: pd.Timestamp = NOW) -> None:
     flip = np.random.default_rng(7).random(len(logged)) < wrong_share
     labels = [("spam" if p == "ham" else "ham") if f else p for p, f in zip(logged["predicted_label"], flip)]
-    feedback = pd.DataFrame({"request_id": logged["request_id"], "timestamp": when.to_pydatetime(), "label": labels,
-                             "model_version": logged["model_version"], "predicted_label": logged["predicted_label"]})
-    import os
+    feedback = pd.DataFrame({"request_id": logged["request_id"], "timestamp": when.to_pydatetime(),
+                             "served_at": [prediction_log.request_id_time(i) for i in logged["request_id"]],
+                             "label": labels, "model_version": logged["model_version"],
+                             "predicted_label": logged["predicted_label"]})
+    assert prediction_log.append(prediction_log.prediction_log_uri(config), feedback, prediction_log.FEEDBACK)
 
-    folder = feedback_log_uri(config)
-    os.makedirs(folder, exist_ok=True)
-    feedback.to_parquet(f"{folder}/feedback-{when:%Y%m%dT%H%M%S%f}Z-1-000000-abcd.parquet", index=False)
+
+def partition_folder(config, when: pd.Timestamp = NOW - pd.Timedelta(minutes=30)) -> Path:
+    """The local folder of the partition of ``when`` (the default: the hour ``write_log`` fills)."""
+    return Path(prediction_log.partition_path(prediction_log.prediction_log_uri(config), prediction_log.PREDICTIONS,
+                                              *prediction_log.partition_of(when)))
 
 
 @pytest.fixture
@@ -133,8 +135,10 @@ def test_empty_window_is_insufficient_data(tmp_path, reference):
 
 def test_window_without_records_of_any_time_is_insufficient_data(tmp_path, reference):
     config = make_config(tmp_path, monitoring={"min_rows": 50})
-    # a file flushed inside the window whose records all lie outside it (clock skew, a late flush)
-    write_log(config, traffic(100, seed=2), when=NOW - pd.Timedelta(days=3), name="predictions-x.parquet")
+    # a file in a partition inside the window whose records all lie outside it (a writer with a skewed clock)
+    folder = partition_folder(config)
+    folder.mkdir(parents=True)
+    log_records(traffic(100, seed=2), when=NOW - pd.Timedelta(days=3)).to_parquet(folder / "skewed-000000.parquet")
     report = check(config, reference, "24h")
     assert report.verdict == monitoring.INSUFFICIENT_DATA
     assert "holds no records" in report.summary["reasons"][0]
@@ -221,17 +225,16 @@ def test_unknown_critical_column_is_a_config_error(tmp_path, reference):
 
 def test_corrupt_and_truncated_files_are_skipped_and_named(tmp_path, reference):
     config = make_config(tmp_path, monitoring={"min_rows": 100})
-    good = write_log(config, traffic(300, seed=2))
-    folder = good.rsplit("/", 1)[0]
-    garbage = f"{folder}/predictions-{NOW:%Y%m%dT%H%M%S}000001Z-1-000001-garbage.parquet"
-    truncated = f"{folder}/predictions-{NOW:%Y%m%dT%H%M%S}000002Z-1-000002-truncated.parquet"
-    with open(garbage, "wb") as handle:
-        handle.write(b"not parquet at all")
-    with open(good, "rb") as source, open(truncated, "wb") as target:
-        target.write(source.read()[:-100])
+    write_log(config, traffic(300, seed=2))
+    folder = partition_folder(config)
+    (good,) = folder.iterdir()
+    garbage, truncated = folder / "replica-b-000001-garbage.parquet", folder / "replica-c-000002-truncated.parquet"
+    garbage.write_bytes(b"not parquet at all")
+    truncated.write_bytes(good.read_bytes()[:-100])
     report = check(config, reference)
     skipped = {entry["path"]: entry["reason"] for entry in report.summary["log"]["files_skipped"]}
-    assert set(skipped) == {garbage, truncated}
+    assert set(skipped) == {str(garbage), str(truncated)}
+    assert all("Parquet" in reason for reason in skipped.values()), skipped
     assert report.summary["rows"]["current"] == 300 and report.verdict == monitoring.NO_DRIFT
     page = report.html_path.read_text()
     assert "garbage.parquet" in page and "truncated.parquet" in page
@@ -239,9 +242,9 @@ def test_corrupt_and_truncated_files_are_skipped_and_named(tmp_path, reference):
 
 def test_only_corrupt_files_is_insufficient_data(tmp_path, reference):
     config = make_config(tmp_path)
-    folder = tmp_path / "state" / "predictions"
+    folder = partition_folder(config)
     folder.mkdir(parents=True)
-    (folder / f"predictions-{NOW:%Y%m%dT%H%M%S}000000Z-1-0-x.parquet").write_bytes(b"PAR1broken")
+    (folder / "replica-a-000000.parquet").write_bytes(b"PAR1broken")
     report = check(config, reference)
     assert report.verdict == monitoring.INSUFFICIENT_DATA
     assert "no readable prediction log file" in report.summary["reasons"][0]
@@ -328,8 +331,8 @@ def test_pinned_deployment_version_is_the_one_monitored(two_versions):
 
 def test_feedback_labels_add_classification_quality(tmp_path, reference):
     config = make_config(tmp_path, monitoring={"min_rows": 100, "min_feedback_rows": 50})
-    path = write_log(config, traffic(300, seed=2))
-    write_feedback(config, path, wrong_share=0.3)
+    logged = write_log(config, traffic(300, seed=2))
+    write_feedback(config, logged, wrong_share=0.3)
     report = check(config, reference)
     quality = report.summary["quality"]
     assert quality["rows"] == 300 and 0.6 < quality["accuracy"] < 0.8
@@ -340,8 +343,8 @@ def test_feedback_labels_add_classification_quality(tmp_path, reference):
 def test_quality_drop_beyond_the_limit_is_drift(two_versions):
     config = two_versions
     config.monitoring.max_quality_drop_points = 5.0
-    path = write_log(config, traffic(300, seed=2), version="2")
-    write_feedback(config, path, wrong_share=0.3)
+    logged = write_log(config, traffic(300, seed=2), version="2")
+    write_feedback(config, logged, wrong_share=0.3)
     report = monitoring.check_drift(config, "24h", now=NOW)
     quality = report.summary["quality"]
     assert quality["version_test_macro_f1"] == 0.95 and quality["macro_f1_drop_points"] > 5

@@ -13,19 +13,12 @@ import pytest
 import yaml
 
 from tests.conftest import export_compressed_fp32, make_config
-from tuneloop import serving
+from tuneloop import prediction_log, serving
 from tuneloop.artifacts import write_metadata
-from tuneloop.errors import ModelError, RegistryError
+from tuneloop.errors import ModelError, RegistryError, ServiceUnavailableError
 from tuneloop.features import STATISTIC_COLUMNS
-from tuneloop.serving import (
-    FeedbackError,
-    ParquetLogWriter,
-    PredictRequest,
-    RequestLimits,
-    ServingRuntime,
-    read_feedback,
-    read_prediction_log,
-)
+from tuneloop.prediction_log import prediction_log_uri, read_feedback, read_predictions
+from tuneloop.serving import FeedbackError, PredictRequest, RequestLimits, ServingRuntime
 
 SERVICE_FILE = Path(__file__).resolve().parents[2] / "serving" / "service.py"
 LIMITS = {"max_text_chars": 200, "max_batch_items": 8, "max_body_bytes": 4096}
@@ -70,7 +63,7 @@ def served(tmp_path, monkeypatch, compressed_dir):
         monkeypatch.setenv(serving.MODEL_DIR_ENV, str(model_dir))
         monkeypatch.setenv(serving.VERSION_ENV, "7")
         monkeypatch.delenv("TUNELOOP_API_KEY", raising=False)
-        monkeypatch.delenv(serving.LOG_URI_ENV, raising=False)
+        monkeypatch.delenv(prediction_log.LOG_URI_ENV, raising=False)
         return config
 
     return configure
@@ -134,7 +127,7 @@ def test_service_class_predicts_when_called_directly(served, service_module):
     finally:
         service.close()
     assert not service.__is_ready__()
-    logged = read_prediction_log(serving.prediction_log_uri(config))
+    logged = read_predictions(prediction_log_uri(config))
     assert sorted(logged["request_id"]) == sorted(p.request_id for p in predictions)
 
 
@@ -173,7 +166,7 @@ def test_concurrent_requests_are_batched_and_answered_in_order(served, service_m
         for thread in threads:
             thread.join()
     assert not errors
-    logged = read_prediction_log(serving.prediction_log_uri(config)).set_index("request_id")
+    logged = read_predictions(prediction_log_uri(config)).set_index("request_id")
     assert len(logged) == len(sent)
     for request_id, text in sent.items():  # each answer belongs to the text it was sent for
         assert logged.loc[request_id, "text"] == text
@@ -249,7 +242,7 @@ def test_feedback_for_known_and_unknown_request_ids(served, service_module):
         assert unknown.status_code == 404 and "no-such-id" in unknown.json()["error"]
         wrong_label = client.post("/feedback", json={"request_id": first[0]["request_id"], "label": "eggs"})
         assert wrong_label.status_code == 422 and "eggs" in wrong_label.json()["error"]
-    feedback = read_feedback(serving.prediction_log_uri(config))
+    feedback = read_feedback(prediction_log_uri(config))
     assert list(feedback["request_id"]) == [first[1]["request_id"]]
     assert list(feedback["label"]) == ["spam"] and list(feedback["model_version"]) == ["7"]
 
@@ -384,8 +377,8 @@ def test_relative_paths_resolve_against_the_directory_the_server_was_started_fro
     environ = {serving.CONFIG_ENV: "tuneloop.yaml", serving.WORKDIR_ENV: str(project)}
     config = serving.load_serving_config(environ)
     assert config.state_dir == project / ".state"
-    assert config.data.texts == project / "data" / "t.parquet"
-    assert serving.prediction_log_uri(config, environ) == str(project / "logs" / "predictions")
+    assert config.data.texts == str(project / "data" / "t.parquet")
+    assert prediction_log_uri(config, environ) == str(project / "logs" / "predictions")
     assert serving.load_serving_config({serving.CONFIG_ENV: "tuneloop.yaml", "PWD": str(project)}).state_dir == \
         project / ".state"
 
@@ -395,13 +388,13 @@ def test_prediction_log_holds_one_record_per_served_text_after_flush(served, ser
     with client_for(service_module) as client:
         answers = client.post("/predict", json={"texts": TEXTS}).json()
         answers += client.post("/predict", json={"texts": ["one more"]}).json()
-        uri = serving.prediction_log_uri(config)
-        assert read_prediction_log(uri).empty  # buffered, not yet flushed
+        uri = prediction_log_uri(config)
+        assert read_predictions(uri).empty  # buffered, not yet flushed
         assert service_module.current_policy() is not None
         import bentoml
 
         assert bentoml.get_current_service().runtime.flush()
-        logged = read_prediction_log(uri)
+        logged = read_predictions(uri).sort_values("timestamp", kind="stable").reset_index(drop=True)
     assert len(logged) == 4
     assert list(logged["request_id"]) == [answer["request_id"] for answer in answers]
     assert list(logged["text"]) == [*TEXTS, "one more"]
@@ -417,12 +410,12 @@ def test_prediction_log_holds_one_record_per_served_text_after_flush(served, ser
 
 def test_prediction_log_is_flushed_on_shutdown(served, service_module):
     config = served(log_flush_seconds=3600, log_flush_records=100_000)
-    uri = serving.prediction_log_uri(config)
+    uri = prediction_log_uri(config)
     with client_for(service_module) as client:
         for _ in range(3):
             assert client.post("/predict", json={"texts": TEXTS}).status_code == 200
-        assert read_prediction_log(uri).empty
-    assert len(read_prediction_log(uri)) == 3 * len(TEXTS)
+        assert read_predictions(uri).empty
+    assert len(read_predictions(uri)) == 3 * len(TEXTS)
 
 
 def test_prediction_log_flushes_every_n_records(served, compressed_dir):
@@ -432,43 +425,95 @@ def test_prediction_log_flushes_every_n_records(served, compressed_dir):
         runtime.predict(["a", "b", "c"])
         runtime.predict(["d", "e"])
         deadline = time.monotonic() + 10
-        while not runtime.prediction_log.files and time.monotonic() < deadline:
+        while not runtime.log.predictions.files and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert len(read_prediction_log(runtime.log_uri)) == 5
+        assert len(read_predictions(runtime.log_uri)) == 5
     finally:
         runtime.close()
 
 
 def test_log_uri_can_be_any_fsspec_uri(served, compressed_dir, monkeypatch):
     config = served()
-    monkeypatch.setenv(serving.LOG_URI_ENV, "memory://tuneloop-test/predictions")
+    monkeypatch.setenv(prediction_log.LOG_URI_ENV, "memory://tuneloop-test/predictions")
     runtime = ServingRuntime(config, version="7", model_dir=compressed_dir)
     runtime.predict(["in memory"])
     runtime.close()
     assert runtime.log_uri == "memory://tuneloop-test/predictions"
-    assert list(read_prediction_log(runtime.log_uri)["text"]) == ["in memory"]
+    assert list(read_predictions(runtime.log_uri)["text"]) == ["in memory"]
 
 
-def test_log_writer_keeps_records_when_the_store_fails_and_bounds_the_buffer(tmp_path, monkeypatch):
-    calls = {"fail": True}
-    original = serving._write_parquet
 
-    def flaky(fs, frame, path, *, atomic):
-        if calls["fail"]:
-            raise OSError("store unreachable")
-        original(fs, frame, path, atomic=atomic)
 
-    monkeypatch.setattr(serving, "_write_parquet", flaky)
-    writer = ParquetLogWriter(str(tmp_path / "log"), prefix="predictions", flush_records=1, flush_seconds=0.05,
-                              max_buffered=3)
+# --------------------------------------------------------------------------------------------
+# Feedback across replicas
+
+
+def test_feedback_for_a_request_another_replica_served(served, compressed_dir, tmp_path):
+    config = served(log_flush_seconds=3600, log_flush_records=100_000)
+    replica_a = ServingRuntime(config, version="7", model_dir=compressed_dir)
+    replica_b = ServingRuntime(config, version="7", model_dir=compressed_dir)
     try:
-        assert writer.write([{"request_id": "a"}, {"request_id": "b"}])
-        assert not writer.flush(timeout=5)  # the write failed; records kept
-        assert not writer.write([{"request_id": "c"}, {"request_id": "d"}])  # over max_buffered: dropped
-        assert writer.dropped == 2
-        calls["fail"] = False
-        assert writer.flush(timeout=5)
+        assert replica_a.log.writer_id != replica_b.log.writer_id
+        served_by_a = replica_a.predict(TEXTS)
+        with pytest.raises(FeedbackError) as not_yet:  # still in A's buffer: not found *yet*, retry later
+            replica_b.record_feedback(served_by_a[0].request_id, "spam")
+        assert not_yet.value.status == 404 and "(yet)" in not_yet.value.message
+        assert not_yet.value.headers == {"Retry-After": "3600"}
+        assert replica_a.flush()
+        answer = replica_b.record_feedback(served_by_a[0].request_id, "spam")
+        assert answer.predicted_label == served_by_a[0].label and answer.model_version == "7"
+        assert replica_b.flush()
     finally:
-        writer.close()
-    assert sorted(read_prediction_log(str(tmp_path / "log"))["request_id"]) == ["a", "b"]
-    assert not writer.write([{"request_id": "late"}])  # closed: dropped, never raises
+        replica_a.close()
+        replica_b.close()
+    feedback = read_feedback(prediction_log_uri(config))
+    assert list(feedback["request_id"]) == [served_by_a[0].request_id]
+    assert feedback.loc[0, "served_at"] == prediction_log.request_id_time(served_by_a[0].request_id)
+
+
+def test_feedback_answers_503_while_the_log_store_is_down(served, compressed_dir, monkeypatch):
+    config = served()
+    runtime = ServingRuntime(config, version="7", model_dir=compressed_dir)
+
+    def store_down(uri, request_id):
+        raise ServiceUnavailableError("object store unreachable at s3://logs/p", service="object store")
+
+    monkeypatch.setattr(prediction_log, "find_prediction", store_down)
+    try:
+        request_id = prediction_log.new_request_id(prediction_log.request_id_time(runtime.predict(["a"])[0].request_id))
+        with pytest.raises(FeedbackError) as down:
+            runtime.record_feedback(request_id, "ham")
+        assert down.value.status == 503 and "object store unreachable" in down.value.message
+        assert runtime.predict(["still answering"])[0].label in {"ham", "spam"}
+    finally:
+        runtime.close()
+
+
+def test_unknown_feedback_ids_get_404_through_the_api(served, service_module):
+    served()
+    with client_for(service_module) as client:
+        for unknown in ("no-such-id", "20200101T000000000Z-00000000000000000000"):
+            response = client.post("/feedback", json={"request_id": unknown, "label": "ham"})
+            assert response.status_code == 404 and unknown in response.json()["error"]
+            assert "Retry-After" not in response.headers
+
+
+def test_unreachable_object_store_fails_start_up_naming_it(served, compressed_dir, monkeypatch):
+    import s3fs
+
+    from rehearsal.services import free_port
+
+    config = served()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test-secret")
+    monkeypatch.setenv(prediction_log.LOG_URI_ENV, "s3://tuneloop-logs/sms")
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        with pytest.raises(ServiceUnavailableError) as down:
+            ServingRuntime(config, version="7", model_dir=compressed_dir)
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+    message = str(down.value)
+    assert "object store unreachable at s3://tuneloop-logs/sms" in message and "\n" not in message
+    assert "test-secret" not in message and down.value.service == "object store"
