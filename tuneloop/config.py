@@ -310,6 +310,12 @@ class RegistryConfig(StrictModel):
     model_name: str = Field("tuneloop-model", min_length=1)
     experiment: str = "tuneloop"
     tracking_uri: str | None = None
+    retry_attempts: int = Field(4, ge=1, le=20)
+    """Tries of one registry call on an outage (connection error, timeout, 429, 5xx) before the step fails."""
+    retry_wait_s: float = Field(1.0, ge=0.0, le=60.0)
+    """First wait between tries; doubles each try (a server's Retry-After wins when longer)."""
+    request_timeout_s: float = Field(30.0, gt=0.0, le=600.0)
+    """Timeout of one HTTP request to the tracking server."""
 
 
 class SmokeTestConfig(StrictModel):

@@ -1,9 +1,13 @@
 """The evaluation gate: metrics on the test split, thresholds, compression loss, champion comparison.
 
 Writes the gate decision ``{"blessed": bool, "checks": [{"name", "value", "threshold", "passed"}]}``.
-The gate fails closed: no thresholds, a champion that exists but cannot be scored, or any error
-while deciding means *not blessed*. The first model of a project has no champion to beat; that
-check then passes and says so.
+The gate fails closed: no thresholds, a champion that exists but cannot be scored (its files are
+missing or corrupt), or any other error while deciding means *not blessed*. The first model of a
+project has no champion to beat; that check then passes and says so.
+
+An outage is not a verdict: when MLflow or the object store cannot be reached while fetching the
+champion, :func:`run` raises :class:`~tuneloop.errors.ServiceUnavailableError` and writes no
+decision, so KFP retries the step and no "model rejected" alert goes out.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Callable
 from tuneloop.config import TuneloopConfig
 from tuneloop.datasets import load_split
 from tuneloop.metrics import classification_metrics, macro_f1
-from tuneloop.registry import ChampionModel
+from tuneloop.registry import ChampionModel, as_outage
 from tuneloop.runtime import load_classifier
 
 
@@ -77,6 +81,10 @@ def run(
 
     Returns:
         The result; ``blessed`` is False for a failed check *and* for any error while deciding.
+
+    Raises:
+        ServiceUnavailableError: a service (MLflow, the object store) stayed unreachable; nothing
+            is written, the step is to be retried.
     """
     if find_champion is None:
         from tuneloop.registry import download_champion
@@ -84,7 +92,13 @@ def run(
         find_champion = download_champion
     try:
         result = _evaluate(config, dataset_path, model_dir, compressed_dir, find_champion)
-    except Exception as error:  # fail closed: whatever broke, the gate does not bless
+    except Exception as error:
+        outage = as_outage(config, error, "fetching the champion")
+        if outage is not None:
+            print(f"evaluate: {outage}; no decision written, the step is to be retried", flush=True)
+            if outage is error:
+                raise
+            raise outage from error
         print(f"evaluate: the gate could not decide ({type(error).__name__}: {error}); not blessed", flush=True)
         result = EvaluationResult(False, [Check("gate_error", f"{type(error).__name__}: {error}", None, False)])
     _write_decision(decision_path, result)

@@ -232,8 +232,10 @@ def _version_tags(config: TuneloopConfig, version: str) -> dict[str, str]:
 
     from tuneloop import registry
 
-    try:
-        model_version = registry.client(config).get_model_version(config.registry.model_name, version)
+    mlflow = registry.client(config)
+    try:  # an outage raises ServiceUnavailableError (the monitor run is retried), never a verdict
+        model_version = registry.call(config, f"reading version {version}", mlflow.get_model_version,
+                                      config.registry.model_name, version)
     except MlflowException as error:
         raise RegistryError(
             f"cannot read version {version} of {config.registry.model_name!r} from the registry: {error}",
@@ -251,7 +253,8 @@ def load_reference(config: TuneloopConfig, version: str) -> Reference:
     """The training frame of ``version`` through its ``tuneloop.dataset_uri`` lineage tag.
 
     Raises:
-        RegistryError: the version has no lineage tag, or its frame cannot be downloaded.
+        RegistryError: the version has no lineage tag, or nothing is stored where it points.
+        ServiceUnavailableError: MLflow or the object store stayed unreachable.
         DataError: the frame is not readable Parquet.
     """
     from tuneloop.registry import TAG_PREFIX
@@ -266,23 +269,17 @@ def load_reference(config: TuneloopConfig, version: str) -> Reference:
         )
     cache = reference_cache_dir(config, version)
     target = cache / "dataset.parquet"
-    if not target.is_file():
+    if not target.is_file():  # a per-pod cache: the frame itself lives in the run's artifact store
         import shutil
         import tempfile
 
-        from mlflow.artifacts import download_artifacts
+        from tuneloop.registry import download_artifact
 
         cache.mkdir(parents=True, exist_ok=True)
-        try:
-            with tempfile.TemporaryDirectory(dir=cache) as scratch:
-                local = Path(download_artifacts(artifact_uri=uri, dst_path=scratch, tracking_uri=config.tracking_uri))
-                local = local / "dataset.parquet" if local.is_dir() else local
-                shutil.move(str(local), target)
-        except TuneloopError:
-            raise
-        except Exception as error:
-            raise RegistryError(f"cannot download the training frame of version {version} from {uri}: {error}",
-                                stage=STAGE, path=uri) from error
+        with tempfile.TemporaryDirectory(dir=cache) as scratch:
+            local = download_artifact(config, uri, scratch, what=f"the training frame of version {version}")
+            local = local / "dataset.parquet" if local.is_dir() else local
+            shutil.move(str(local), target)
     try:
         frame = pd.read_parquet(target)
     except Exception as error:

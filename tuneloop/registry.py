@@ -4,8 +4,16 @@ Locally the registry is SQLite inside the state directory, with artifacts beside
 is an MLflow tracking server whose credentials come from the environment (``MLFLOW_TRACKING_TOKEN``,
 ``MLFLOW_TRACKING_USERNAME``/``PASSWORD``), never from the config.
 
-Registering is all-or-nothing: if anything fails after the version was created, the version is
-deleted again and no alias moves.
+Registering is safe to repeat, as a retried KFP step must be: the MLflow run and the model version
+carry the pipeline run's name (tag ``tuneloop.pipeline_run``), and ``register`` first looks for
+what an earlier attempt of the same pipeline run left (a run, finished or not; a version, with or
+without its aliases) and completes it instead of creating another.
+
+Every registry call goes through :func:`call`: an outage (connection refused, timeout, 429, 5xx)
+is retried a few times with exponential backoff (``registry.retry_attempts``/``retry_wait_s``),
+then raises :class:`~tuneloop.errors.ServiceUnavailableError` so KFP retries the step; an answer
+(4xx, not found, refused) is never retried. MLflow's own HTTP retries are therefore off by default
+(``MLFLOW_HTTP_REQUEST_MAX_RETRIES=0`` unless set in the environment), so the two never multiply.
 """
 
 from __future__ import annotations
@@ -13,16 +21,28 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, TypeVar
 
 from tuneloop.artifacts import read_metadata
 from tuneloop.config import TuneloopConfig
-from tuneloop.errors import RegistryError
+from tuneloop.errors import RegistryError, ServiceUnavailableError, TuneloopError
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"
 TAG_PREFIX = "tuneloop."
+PIPELINE_RUN_TAG = f"{TAG_PREFIX}pipeline_run"
+DATASET_ARTIFACT = "data/dataset.parquet"
+"""Where the training frame lives inside the MLflow run's artifacts (the drift reference)."""
+
+_PIPELINE_RUN_NAME = re.compile(r"[A-Za-z0-9_.:@/+-]{1,250}")
+_OUTAGE_ERROR_CODES = {"TEMPORARILY_UNAVAILABLE", "DEADLINE_EXCEEDED", "REQUEST_LIMIT_EXCEEDED",
+                       "RESOURCE_EXHAUSTED"}
+_S3_OUTAGE_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling",
+                    "RequestTimeTooSkewed"}
+T = TypeVar("T")
 
 
 @dataclass
@@ -46,6 +66,8 @@ class Registration:
 def client(config: TuneloopConfig):
     """An ``MlflowClient`` for the configured registry (the SQLite file's folder is created)."""
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # retries are ours: see call()
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, round(config.registry.request_timeout_s))))
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     from mlflow.tracking import MlflowClient
@@ -53,7 +75,144 @@ def client(config: TuneloopConfig):
     uri = config.tracking_uri
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return call(config, "connecting to the registry", MlflowClient, tracking_uri=uri, registry_uri=uri)
+
+
+# --- outages: retried here, then raised as ServiceUnavailableError ---------------------------------
+
+
+def outage_service(error: BaseException, *, remote: bool = True) -> str | None:
+    """The service an error shows to be unreachable (``mlflow``, ``object store``), or None when the
+    error is an answer (4xx, not found, bad input) that no retry would change.
+
+    Args:
+        error: what a registry or artifact call raised.
+        remote: whether the tracking store is a server; only then is MLflow's generic
+            ``INTERNAL_ERROR`` (what its HTTP client raises for refused connections) an outage.
+    """
+    if isinstance(error, ServiceUnavailableError):
+        return error.service
+    if isinstance(error, TuneloopError):
+        return None
+    cause = getattr(error, "last_exception", None)  # boto3's RetriesExceededError wraps the real one
+    if isinstance(cause, BaseException):
+        return outage_service(cause, remote=remote)
+    return _mlflow_outage(error, remote) or _object_store_outage(error) or _network_outage(error)
+
+
+def _mlflow_outage(error: BaseException, remote: bool) -> str | None:
+    try:
+        from mlflow.exceptions import MlflowException
+    except ImportError:  # pragma: no cover - mlflow is a dependency
+        return None
+    if not isinstance(error, MlflowException):
+        return None
+    code = str(error.error_code)
+    if code in _OUTAGE_ERROR_CODES or (remote and code == "INTERNAL_ERROR"):
+        return "mlflow"
+    return "mlflow" if remote and error.get_http_status_code() in (502, 503, 504) else None
+
+
+def _object_store_outage(error: BaseException) -> str | None:
+    try:
+        from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
+    except ImportError:
+        return None
+    if isinstance(error, (ConnectionError, HTTPClientError)):  # unreachable, closed, timed out
+        return "object store"
+    if isinstance(error, ClientError):
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        code = error.response.get("Error", {}).get("Code", "")
+        return "object store" if status >= 500 or status == 429 or code in _S3_OUTAGE_CODES else None
+    return None
+
+
+def _network_outage(error: BaseException) -> str | None:
+    import requests
+
+    if isinstance(error, requests.HTTPError):
+        status = error.response.status_code if error.response is not None else 0
+        return "mlflow" if status >= 500 or status == 429 else None
+    if isinstance(error, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)):
+        return "mlflow"
+    try:
+        from sqlalchemy.exc import DisconnectionError, OperationalError
+    except ImportError:
+        return None
+    return "mlflow" if isinstance(error, (OperationalError, DisconnectionError)) else None
+
+
+def _retry_after_s(error: BaseException | None) -> float:
+    """A server's ``Retry-After`` in seconds, where the error carries the response; else 0."""
+    headers: Any = None
+    response = getattr(error, "response", None)
+    if isinstance(response, dict):  # botocore ClientError
+        headers = response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+    elif response is not None:  # requests.HTTPError
+        headers = getattr(response, "headers", None)
+    value = (headers or {}).get("Retry-After") or (headers or {}).get("retry-after")
+    try:
+        return max(0.0, float(value)) if value is not None else 0.0
+    except ValueError:
+        return 0.0
+
+
+def is_remote(config: TuneloopConfig) -> bool:
+    """Whether the tracking store is a server reached over the network."""
+    return config.tracking_uri.split(":", 1)[0] in ("http", "https", "databricks")
+
+
+def call(config: TuneloopConfig, action: str, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run one registry call, retrying outages briefly; the call must be safe to repeat.
+
+    Args:
+        config: ``registry.retry_attempts``, ``retry_wait_s`` and the tracking URI.
+        action: what the call does, for the error message ("reading the champion alias").
+        function: the call; answers (4xx, not found) propagate unchanged after the first try.
+
+    Raises:
+        ServiceUnavailableError: still an outage after the last try (service and URI named,
+            credentials removed).
+    """
+    from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
+
+    remote = is_remote(config)
+    backoff = wait_exponential(multiplier=config.registry.retry_wait_s, max=30.0)
+
+    def wait(state) -> float:
+        return min(60.0, max(backoff(state), _retry_after_s(state.outcome.exception())))
+
+    retrying = Retrying(
+        stop=stop_after_attempt(config.registry.retry_attempts),
+        wait=wait,
+        retry=retry_if_exception(lambda error: outage_service(error, remote=remote) is not None),
+        reraise=True,
+    )
+    try:
+        return retrying(function, *args, **kwargs)
+    except ServiceUnavailableError:
+        raise
+    except Exception as error:
+        outage = as_outage(config, error, f"{action} ({config.registry.retry_attempts} tries)")
+        if outage is None:
+            raise
+        raise outage from error
+
+
+def as_outage(config: TuneloopConfig, error: BaseException, action: str) -> ServiceUnavailableError | None:
+    """``error`` as the ServiceUnavailableError it shows (service and URI named, no credentials),
+    or None when it is an answer rather than an outage."""
+    if isinstance(error, ServiceUnavailableError):
+        return error
+    service = outage_service(error, remote=is_remote(config))
+    if service is None:
+        return None
+    where = _safe_uri(config) if service == "mlflow" else scrub(os.environ.get("AWS_ENDPOINT_URL", "the S3 endpoint"))
+    return ServiceUnavailableError(f"{service} unreachable at {where} while {action}: {scrub(_first_line(error))}",
+                                   service=service, uri=where, stage="registry")
+
+
+# --- register: find this pipeline run's earlier attempt, complete it, or start one ------------------
 
 
 def register(
@@ -65,60 +224,146 @@ def register(
     pipeline_run: str = "",
     aliases: tuple[str, ...] = (CHALLENGER, CHAMPION),
 ) -> Registration:
-    """Register a blessed compressed model and move the given aliases to it.
+    """Register a blessed compressed model and move the given aliases to it; safe to repeat.
+
+    The MLflow run (model files, the training frame at ``data/dataset.parquet``, the gate JSON) and
+    the model version carry the tag ``tuneloop.pipeline_run``. A repeat for the same pipeline run
+    returns the version an earlier attempt created, finishing what it left undone (a run whose
+    logging stopped half-way, a version whose aliases were never set) instead of creating another.
 
     Args:
         config: registry settings.
         compressed_dir: the Compressed Model directory (logged as the version's artifacts).
         decision: the gate decision; registration refuses anything not blessed.
-        dataset_path: the Dataset artifact, logged beside the model as its training frame.
-        pipeline_run: the pipeline run's name, recorded as lineage.
-        aliases: aliases to point at the new version, in order.
+        dataset_path: the Dataset artifact, logged to the run's artifact store as the training
+            frame; the version's ``tuneloop.dataset_uri`` tag points there (``runs:/<id>/...``).
+        pipeline_run: the pipeline run's name: lineage, and the key an attempt is found by
+            (empty: no earlier attempt is looked for).
+        aliases: aliases to point at the version, in order.
 
     Raises:
-        RegistryError: the decision is not blessed, or MLflow refused; nothing is left behind.
+        RegistryError: the decision is not blessed, or MLflow refused; a version this attempt
+            created is deleted again when its aliases cannot be set.
+        ServiceUnavailableError: MLflow or the object store stayed unreachable (KFP retries the step,
+            which then completes this attempt).
     """
     if decision.get("blessed") is not True:
         raise RegistryError("refusing to register a model the gate did not bless", stage="registry")
+    if pipeline_run and not _PIPELINE_RUN_NAME.fullmatch(pipeline_run):
+        raise RegistryError(f"pipeline_run {pipeline_run!r} has characters a registry search cannot quote "
+                            f"(allowed: letters, digits and _.:@/+-)", stage="registry", field="pipeline_run")
     metadata = read_metadata(compressed_dir)
     mlflow = client(config)
-    run_id = _log_run(mlflow, config, compressed_dir, dataset_path, metadata, decision, pipeline_run)
-    artifact_uri = mlflow.get_run(run_id).info.artifact_uri
-    _ensure_registered_model(mlflow, config.registry.model_name)
-    version = mlflow.create_model_version(
-        config.registry.model_name,
-        source=f"{artifact_uri}/model",
-        run_id=run_id,
-        tags=_lineage_tags(metadata, decision, pipeline_run, f"{artifact_uri}/data/dataset.parquet"),
-        description=f"{metadata.get('base_model')} fine-tuned by tuneloop ({metadata.get('precision')})",
-    ).version
+    name = config.registry.model_name
+    try:
+        call(config, f"ensuring registered model {name!r}", _ensure_registered_model, mlflow, name)
+        experiment_id = _experiment_id(mlflow, config)
+        run_id = _attempt_run(mlflow, config, experiment_id, pipeline_run, compressed_dir, dataset_path, metadata,
+                              decision)
+        version, created = call(config, f"creating a version of {name!r}", _find_or_create_version, mlflow, name,
+                                run_id, _lineage_tags(metadata, decision, pipeline_run, run_id),
+                                f"{metadata.get('base_model')} fine-tuned by tuneloop ({metadata.get('precision')})")
+    except TuneloopError:
+        raise
+    except Exception as error:
+        raise RegistryError(f"MLflow at {_safe_uri(config)} refused to register {name!r}: "
+                            f"{scrub(_first_line(error))}", stage="registry") from error
+    if not created:
+        print(f"register: version {version} of {name} was created by an earlier attempt of {pipeline_run}; "
+              f"completing it", flush=True)
+    _set_aliases(mlflow, config, version, aliases, delete_on_failure=created)
+    print(f"register: {name} version {version} -> aliases {', '.join(aliases)}", flush=True)
+    return Registration(name, str(version), list(aliases), run_id)
+
+
+def _set_aliases(mlflow, config: TuneloopConfig, version: str, aliases: tuple[str, ...], *,
+                 delete_on_failure: bool) -> None:
+    name = config.registry.model_name
     try:
         for alias in aliases:
-            mlflow.set_registered_model_alias(config.registry.model_name, alias, version)
+            call(config, f"pointing alias {alias} at version {version}", mlflow.set_registered_model_alias,
+                 name, alias, version)
     except Exception as error:
-        mlflow.delete_model_version(config.registry.model_name, version)
-        raise RegistryError(f"could not set aliases {aliases} on version {version}: {error}", stage="registry")
-    print(f"register: {config.registry.model_name} version {version} -> aliases {', '.join(aliases)}", flush=True)
-    return Registration(config.registry.model_name, str(version), list(aliases), run_id)
+        if delete_on_failure:
+            _delete_version_quietly(mlflow, config, version)
+        if isinstance(error, ServiceUnavailableError):
+            raise
+        raise RegistryError(f"could not set aliases {aliases} on version {version} of {name!r}: "
+                            f"{scrub(_first_line(error))}", stage="registry") from error
 
 
-def _log_run(mlflow, config, compressed_dir, dataset_path, metadata, decision, pipeline_run) -> str:
-    experiment_id = _experiment_id(mlflow, config)
-    run = mlflow.create_run(experiment_id, run_name=pipeline_run or None, tags={f"{TAG_PREFIX}pipeline_run": pipeline_run})
-    run_id = run.info.run_id
+def _delete_version_quietly(mlflow, config: TuneloopConfig, version: str) -> None:
+    """Remove a version whose aliases could not be set; if even that fails, a retry completes it."""
     try:
-        for name, value in decision.get("test_metrics", {}).items():
-            mlflow.log_metric(run_id, f"test_{name}", float(value))
-        mlflow.log_param(run_id, "base_model", metadata.get("base_model"))
-        mlflow.log_param(run_id, "precision", metadata.get("precision"))
-        mlflow.log_artifacts(run_id, str(compressed_dir), artifact_path="model")
-        _log_dataset(mlflow, run_id, dataset_path)
-        mlflow.log_text(run_id, json.dumps(decision, indent=2), "gate.json")
-        mlflow.set_terminated(run_id, "FINISHED")
-    except Exception as error:
-        mlflow.set_terminated(run_id, "FAILED")
-        raise RegistryError(f"could not log the model run to MLflow: {error}", stage="registry") from error
-    return run_id
+        mlflow.delete_model_version(config.registry.model_name, version)
+    except Exception as error:  # the retry of this step finds the version by its run and completes it
+        print(f"register: could not delete the unfinished version {version} ({scrub(_first_line(error))}); "
+              f"a retry of this step completes it", flush=True)
+
+
+def _attempt_run(mlflow, config, experiment_id, pipeline_run, compressed_dir, dataset_path, metadata,
+                 decision) -> str:
+    """This pipeline run's MLflow run, fully logged: an earlier attempt's when there is one."""
+    run = call(config, "looking for an earlier attempt's run", _earlier_run, mlflow, experiment_id, pipeline_run)
+    if run is not None and run.info.status == "FINISHED":
+        return run.info.run_id
+    if run is None:
+        run = call(config, "creating the MLflow run", _find_or_create_run, mlflow, experiment_id, pipeline_run)
+    else:
+        print(f"register: completing run {run.info.run_id} that an earlier attempt left {run.info.status}",
+              flush=True)
+    _log_run(mlflow, config, run, compressed_dir, dataset_path, metadata, decision)
+    return run.info.run_id
+
+
+def _earlier_run(mlflow, experiment_id: str, pipeline_run: str):
+    """The newest active run tagged with ``pipeline_run`` (one that has a version comes first)."""
+    if not pipeline_run:
+        return None
+    runs = mlflow.search_runs([experiment_id], filter_string=f"tags.`{PIPELINE_RUN_TAG}` = '{pipeline_run}'",
+                              order_by=["attributes.start_time DESC"], max_results=50)
+    finished = [run for run in runs if run.info.status == "FINISHED"]
+    return (finished or list(runs) or [None])[0]
+
+
+def _find_or_create_run(mlflow, experiment_id: str, pipeline_run: str):
+    """Create the run; a retried create whose first answer was lost finds the first one instead."""
+    earlier = _earlier_run(mlflow, experiment_id, pipeline_run)
+    if earlier is not None:
+        return earlier
+    return mlflow.create_run(experiment_id, run_name=pipeline_run or None, tags={PIPELINE_RUN_TAG: pipeline_run})
+
+
+def _log_run(mlflow, config, run, compressed_dir, dataset_path, metadata, decision) -> None:
+    """Log (or re-log: files are overwritten, existing metrics kept) everything, then finish the run."""
+    run_id = run.info.run_id
+    logged_metrics = set((run.data.metrics or {}) if run.data else {})
+    steps: list[tuple[str, Callable[[], Any]]] = [
+        (f"logging metric test_{metric}", lambda m=metric, v=value: mlflow.log_metric(run_id, f"test_{m}", float(v)))
+        for metric, value in decision.get("test_metrics", {}).items() if f"test_{metric}" not in logged_metrics
+    ]
+    steps += [
+        ("logging params", lambda: mlflow.log_batch(run_id, params=_params(metadata))),
+        ("uploading the model files", lambda: mlflow.log_artifacts(run_id, str(compressed_dir), artifact_path="model")),
+        ("uploading the training frame", lambda: _log_dataset(mlflow, run_id, dataset_path)),
+        ("uploading the gate decision", lambda: mlflow.log_text(run_id, json.dumps(decision, indent=2), "gate.json")),
+        ("checking the training frame landed", lambda: _require_dataset_artifact(mlflow, run_id)),
+        ("finishing the run", lambda: mlflow.set_terminated(run_id, "FINISHED")),
+    ]
+    for action, step in steps:
+        try:
+            call(config, f"{action} (run {run_id})", step)
+        except TuneloopError:
+            raise  # the run stays unfinished; the retry of this step completes it
+        except Exception as error:
+            raise RegistryError(f"could not log the model run to MLflow ({action}): {scrub(_first_line(error))}",
+                                stage="registry") from error
+
+
+def _params(metadata: dict):
+    from mlflow.entities import Param
+
+    return [Param("base_model", str(metadata.get("base_model"))), Param("precision", str(metadata.get("precision")))]
 
 
 def _log_dataset(mlflow, run_id: str, dataset_path: str | Path) -> None:
@@ -127,20 +372,64 @@ def _log_dataset(mlflow, run_id: str, dataset_path: str | Path) -> None:
     import tempfile
 
     source = Path(dataset_path)
+    source = source / "dataset.parquet" if source.is_dir() else source
+    if not source.is_file():
+        raise RegistryError(f"the training frame {source} does not exist; nothing to record as lineage",
+                            stage="registry", path=str(source))
     with tempfile.TemporaryDirectory(prefix="tuneloop-dataset-") as scratch:
-        target = Path(scratch) / "dataset.parquet"
-        shutil.copyfile(source / "dataset.parquet" if source.is_dir() else source, target)
-        mlflow.log_artifact(run_id, str(target), artifact_path="data")
+        target = Path(scratch) / Path(DATASET_ARTIFACT).name
+        shutil.copyfile(source, target)
+        mlflow.log_artifact(run_id, str(target), artifact_path=str(Path(DATASET_ARTIFACT).parent))
+
+
+def _require_dataset_artifact(mlflow, run_id: str) -> None:
+    folder, file_name = DATASET_ARTIFACT.rsplit("/", 1)
+    if not any(Path(info.path).name == file_name for info in mlflow.list_artifacts(run_id, folder)):
+        raise RegistryError(f"run {run_id} has no {DATASET_ARTIFACT} after uploading it", stage="registry")
+
+
+def _find_or_create_version(mlflow, name: str, run_id: str, tags: dict[str, str], description: str):
+    """(version, created): the version made from ``run_id``, created now only when there is none."""
+    existing = [v for v in mlflow.search_model_versions(f"run_id = '{run_id}'") if v.name == name]
+    if existing:
+        return str(min(existing, key=lambda v: int(v.version)).version), False
+    source = f"{mlflow.get_run(run_id).info.artifact_uri}/model"
+    version = mlflow.create_model_version(name, source=source, run_id=run_id, tags=tags, description=description)
+    return str(version.version), True
 
 
 def _experiment_id(mlflow, config: TuneloopConfig) -> str:
-    experiment = mlflow.get_experiment_by_name(config.registry.experiment)
-    if experiment is not None:
-        return experiment.experiment_id
-    location = None
-    if config.tracking_uri.startswith("sqlite:///"):
-        location = (Path(config.state_dir) / "mlartifacts").resolve().as_uri()
-    return mlflow.create_experiment(config.registry.experiment, artifact_location=location)
+    """The experiment's id; its artifact root must be one every pod of the world reaches.
+
+    Locally with SQLite (or a database URL) artifacts go to ``<state_dir>/mlartifacts``; with a
+    tracking server they go to the server's artifact root (an object store in a cluster), and an
+    experiment whose root is a local path is refused there: lineage would point into one pod.
+    """
+    from mlflow.exceptions import MlflowException
+
+    name = config.registry.experiment
+    experiment = call(config, f"reading experiment {name!r}", mlflow.get_experiment_by_name, name)
+    if experiment is None:
+        location = None if is_remote(config) else (Path(config.state_dir) / "mlartifacts").resolve().as_uri()
+        try:
+            call(config, f"creating experiment {name!r}", mlflow.create_experiment, name, artifact_location=location)
+        except MlflowException as error:
+            if str(error.error_code) != "RESOURCE_ALREADY_EXISTS":  # a lost answer of our own create
+                raise
+        experiment = call(config, f"reading experiment {name!r}", mlflow.get_experiment_by_name, name)
+    _require_shared_artifact_root(config, experiment.artifact_location)
+    return experiment.experiment_id
+
+
+def _require_shared_artifact_root(config: TuneloopConfig, location: str) -> None:
+    scheme = location.split(":", 1)[0] if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", location) else ""
+    pod_local = scheme in ("", "file")
+    if pod_local and (is_remote(config) or config.world == "cluster"):
+        raise RegistryError(
+            f"experiment {config.registry.experiment!r} stores artifacts at {location}, a path on one machine: "
+            f"lineage and model files would exist only there. Give the tracking server an object-store artifact "
+            f"root (--artifacts-destination s3://...) and use a new registry.experiment",
+            stage="registry", field="registry.experiment")
 
 
 def _ensure_registered_model(mlflow, name: str) -> None:
@@ -148,74 +437,121 @@ def _ensure_registered_model(mlflow, name: str) -> None:
 
     try:
         mlflow.get_registered_model(name)
-    except MlflowException:
+        return
+    except MlflowException as error:
+        if str(error.error_code) != "RESOURCE_DOES_NOT_EXIST":
+            raise
+    try:
         mlflow.create_registered_model(name, description="Managed by tuneloop")
+    except MlflowException as error:
+        if str(error.error_code) != "RESOURCE_ALREADY_EXISTS":  # created meanwhile, or our own lost answer
+            raise
 
 
-def _lineage_tags(metadata: dict, decision: dict, pipeline_run: str, dataset_uri: str) -> dict[str, str]:
+def _lineage_tags(metadata: dict, decision: dict, pipeline_run: str, run_id: str) -> dict[str, str]:
     return {
-        f"{TAG_PREFIX}pipeline_run": pipeline_run,
+        PIPELINE_RUN_TAG: pipeline_run,
         f"{TAG_PREFIX}data_fingerprint": str(metadata.get("data_fingerprint", "")),
         f"{TAG_PREFIX}base_model": str(metadata.get("base_model", "")),
         f"{TAG_PREFIX}runtime": str(metadata.get("runtime", "")),
         f"{TAG_PREFIX}precision": str(metadata.get("precision", "")),
         f"{TAG_PREFIX}metrics": json.dumps(decision.get("test_metrics", {})),
         f"{TAG_PREFIX}gate": json.dumps({"blessed": decision["blessed"], "checks": decision.get("checks", [])}),
-        f"{TAG_PREFIX}dataset_uri": dataset_uri,
+        f"{TAG_PREFIX}dataset_uri": f"runs:/{run_id}/{DATASET_ARTIFACT}",
     }
+
+
+# --- reading: champion, aliases, versions, artifacts ----------------------------------------------
 
 
 def download_champion(config: TuneloopConfig, directory: Path):
     """Download the champion's compressed model into ``directory``; None when there is no champion.
 
     Raises:
-        RegistryError: the registry cannot be reached or the champion's files cannot be fetched.
+        RegistryError: the champion's files are missing or MLflow refused (a decision: the gate
+            then does not bless).
+        ServiceUnavailableError: MLflow or the object store stayed unreachable (retry the step).
     """
     version = alias_version(config, CHAMPION)
     if version is None:
         return None
     mlflow = client(config)
-    model_version = mlflow.get_model_version(config.registry.model_name, version)
-    try:
-        from mlflow.artifacts import download_artifacts
+    model_version = _answer(config, f"reading champion version {version}", mlflow.get_model_version,
+                            config.registry.model_name, version)
+    local = download_artifact(config, model_version.source, directory, what=f"champion version {version}")
+    return ChampionModel(version=str(version), directory=local)
 
-        local = download_artifacts(artifact_uri=model_version.source, dst_path=str(directory), tracking_uri=config.tracking_uri)
+
+def download_artifact(config: TuneloopConfig, uri: str, directory: str | Path, *, what: str) -> Path:
+    """Download the artifact file or folder at ``uri`` (``runs:/``, ``s3://``, ``mlflow-artifacts:/``...).
+
+    Raises:
+        RegistryError: nothing is stored at ``uri`` (named with ``what``), or MLflow refused.
+        ServiceUnavailableError: MLflow or the object store stayed unreachable.
+    """
+    from mlflow.artifacts import download_artifacts, list_artifacts
+
+    parent, _, leaf = uri.rstrip("/").rpartition("/")
+    listing = _answer(config, f"listing {what}", list_artifacts, artifact_uri=parent,
+                      tracking_uri=config.tracking_uri)
+    if not any(Path(info.path).name == leaf for info in listing or []):
+        raise RegistryError(f"{what}: nothing is stored at {scrub(uri)} (deleted, or registered from a path on "
+                            f"another machine)", stage="registry", path=scrub(uri))
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    local = _answer(config, f"downloading {what}", download_artifacts, artifact_uri=uri, dst_path=str(directory),
+                    tracking_uri=config.tracking_uri)
+    return Path(local)
+
+
+def _answer(config: TuneloopConfig, action: str, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """:func:`call`, with any answer that is not an outage turned into a one-line RegistryError."""
+    try:
+        return call(config, action, function, *args, **kwargs)
+    except TuneloopError:
+        raise
     except Exception as error:
-        raise RegistryError(f"cannot download champion version {version}: {error}", stage="registry") from error
-    return ChampionModel(version=str(version), directory=Path(local))
+        raise RegistryError(f"{action} at {_safe_uri(config)} failed: {scrub(_first_line(error))}",
+                            stage="registry") from error
 
 
 def alias_version(config: TuneloopConfig, alias: str) -> str | None:
-    """The version an alias points to, or None when the model or alias does not exist."""
-    from mlflow.exceptions import MlflowException
+    """The version an alias points to, or None when the model or alias does not exist.
 
-    mlflow = client(config)
-    try:
-        registered = mlflow.get_registered_model(config.registry.model_name)
-    except MlflowException as error:
-        if "RESOURCE_DOES_NOT_EXIST" in str(error.error_code):
-            return None
-        raise RegistryError(f"registry unreachable at {_safe_uri(config)}: {error}", stage="registry") from error
-    version = (registered.aliases or {}).get(alias)
+    Raises:
+        ServiceUnavailableError: the registry stayed unreachable.
+        RegistryError: the registry refused the request.
+    """
+    registered = _registered_model(config)
+    version = (registered.aliases or {}).get(alias) if registered is not None else None
     return str(version) if version is not None else None
 
 
-def list_versions(config: TuneloopConfig) -> list[dict]:
-    """Every version of the configured model, newest first: version, aliases, metrics, lineage."""
+def _registered_model(config: TuneloopConfig):
+    """The registered model, or None when it does not exist yet."""
     from mlflow.exceptions import MlflowException
 
     mlflow = client(config)
     name = config.registry.model_name
     try:
-        registered = mlflow.get_registered_model(name)
+        return call(config, f"reading registered model {name!r}", mlflow.get_registered_model, name)
     except MlflowException as error:
-        if "RESOURCE_DOES_NOT_EXIST" in str(error.error_code):
-            return []
-        raise RegistryError(f"registry unreachable at {_safe_uri(config)}: {error}", stage="registry") from error
+        if str(error.error_code) == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise RegistryError(f"the registry at {_safe_uri(config)} refused to read {name!r}: "
+                            f"{scrub(_first_line(error))}", stage="registry") from error
+
+
+def list_versions(config: TuneloopConfig) -> list[dict]:
+    """Every version of the configured model, newest first: version, aliases, metrics, lineage."""
+    registered = _registered_model(config)
+    if registered is None:
+        return []
+    name = config.registry.model_name
     aliases_by_version: dict[str, list[str]] = {}
     for alias, version in (registered.aliases or {}).items():
         aliases_by_version.setdefault(str(version), []).append(alias)
-    versions = mlflow.search_model_versions(f"name = '{name}'")
+    versions = _answer(config, f"listing versions of {name!r}", client(config).search_model_versions,
+                       f"name = '{name}'")
     rows = [_version_row(v, sorted(aliases_by_version.get(str(v.version), []))) for v in versions]
     return sorted(rows, key=lambda row: int(row["version"]), reverse=True)
 
@@ -228,9 +564,12 @@ def _version_row(version, aliases: list[str]) -> dict:
         "metrics": json.loads(tags.get(f"{TAG_PREFIX}metrics", "{}")),
         "precision": tags.get(f"{TAG_PREFIX}precision", ""),
         "data_fingerprint": tags.get(f"{TAG_PREFIX}data_fingerprint", ""),
-        "pipeline_run": tags.get(f"{TAG_PREFIX}pipeline_run", ""),
+        "pipeline_run": tags.get(PIPELINE_RUN_TAG, ""),
         "created": version.creation_timestamp,
     }
+
+
+# --- messages without credentials ------------------------------------------------------------------
 
 
 def _safe_uri(config: TuneloopConfig) -> str:
@@ -240,4 +579,14 @@ def _safe_uri(config: TuneloopConfig) -> str:
     parts = urlsplit(config.tracking_uri)
     if not (parts.password or parts.username):
         return config.tracking_uri  # urlunsplit would turn sqlite:///abs into sqlite://abs
-    return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
+    return urlunsplit(parts._replace(netloc=(parts.hostname or "") + (f":{parts.port}" if parts.port else "")))
+
+
+def scrub(text: str) -> str:
+    """``text`` with any ``user:password@`` in URLs removed (error texts may quote a request URL)."""
+    return re.sub(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]+@", r"\1", str(text))
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0][:400]

@@ -7,6 +7,7 @@ import pytest
 
 from tests.conftest import make_config
 from tuneloop import evaluation
+from tuneloop.errors import RegistryError, ServiceUnavailableError
 from tuneloop.evaluation import read_decision
 from tuneloop.registry import ChampionModel
 
@@ -72,16 +73,63 @@ def test_worse_than_champion_is_not_blessed(tmp_path, tiny_dataset, classifiers)
     assert result.champion_version == "3" and not result.blessed
 
 
-def test_champion_lookup_error_fails_closed(tmp_path, tiny_dataset, classifiers):
+def test_unreachable_champion_lookup_is_an_outage_not_a_verdict(tmp_path, tiny_dataset, classifiers):
     config = make_config(tmp_path)
 
     def unreachable(cfg, scratch):
         raise ConnectionError("registry down")
 
+    with pytest.raises(ServiceUnavailableError, match="registry down") as outage:
+        evaluation.run(config, tiny_dataset, tmp_path / "good", tmp_path / "good", tmp_path / "d.json",
+                       find_champion=unreachable)
+    assert outage.value.service == "mlflow" and outage.value.exit_code == 75
+    assert not (tmp_path / "d.json").exists()
+
+
+def test_champion_with_missing_files_fails_closed(tmp_path, tiny_dataset, classifiers):
+    config = make_config(tmp_path)
+
+    def files_gone(cfg, scratch):
+        raise RegistryError("champion version 3: nothing is stored at s3://bucket/3/model")
+
     result = evaluation.run(config, tiny_dataset, tmp_path / "good", tmp_path / "good", tmp_path / "d.json",
-                            find_champion=unreachable)
+                            find_champion=files_gone)
     assert not result.blessed and result.checks[0].name == "gate_error"
-    assert "registry down" in result.checks[0].value
+    assert "nothing is stored" in result.checks[0].value
+    assert read_decision(tmp_path / "d.json")["blessed"] is False
+
+
+def test_corrupt_champion_fails_closed(tmp_path, tiny_dataset, tiny_checkpoint):
+    """A champion whose files are garbage cannot be scored: a decision (not blessed), not a retry."""
+    import shutil
+
+    from tests.conftest import export_compressed_fp32
+
+    candidate = export_compressed_fp32(tiny_checkpoint, tmp_path / "candidate")
+    corrupt = tmp_path / "champion"
+    shutil.copytree(candidate, corrupt)
+    (corrupt / "model.onnx").write_bytes(b"not an onnx graph")
+    config = make_config(tmp_path, evaluation={"thresholds": {"accuracy": 0.0}, "max_compression_loss_points": 100})
+    result = evaluation.run(config, tiny_dataset, tiny_checkpoint, candidate, tmp_path / "d.json",
+                            find_champion=lambda cfg, scratch: ChampionModel("7", corrupt))
+    assert not result.blessed and result.checks[-1].name == "gate_error"
+    assert json.loads((tmp_path / "d.json").read_text())["blessed"] is False
+
+
+def test_registry_on_a_closed_port_raises_quickly_and_decides_nothing(tmp_path, tiny_dataset, classifiers,
+                                                                       monkeypatch):
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://ops:hunter2@127.0.0.1:{port}")
+    config = make_config(tmp_path, registry={"retry_attempts": 2, "retry_wait_s": 0})
+    with pytest.raises(ServiceUnavailableError) as outage:
+        evaluation.run(config, tiny_dataset, tmp_path / "good", tmp_path / "good", tmp_path / "d.json")
+    assert outage.value.service == "mlflow" and outage.value.uri == f"http://127.0.0.1:{port}"
+    assert "hunter2" not in str(outage.value)
+    assert not (tmp_path / "d.json").exists()
 
 
 def test_unreadable_decision_reads_as_not_blessed(tmp_path):
