@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, V
 from tuneloop.config import TuneloopConfig, load_config, resolve_config_paths
 from tuneloop import prediction_log
 from tuneloop.errors import ModelError, RegistryError, ServiceUnavailableError, TuneloopError
-from tuneloop.prediction_log import LOG_URI_ENV, PROBABILITY_PREFIX, PredictionLog, PredictionNotFound
+from tuneloop.prediction_log import PROBABILITY_PREFIX, PredictionLog, PredictionNotFound
 
 logger = logging.getLogger("tuneloop.serving")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 import uuid
 from pathlib import Path
 
@@ -91,7 +90,7 @@ def test_layout_one_file_per_partition_and_flush_named_by_writer(tmp_path):
 def test_writer_keeps_records_through_an_outage_and_bounds_the_buffer(tmp_path, monkeypatch):
     store = {"up": False}
     attempts: list[str] = []
-    original = pl.write_table_atomically
+    original = pl.layout.write_table_atomically
 
     def flaky(fs, path, table):
         attempts.append(path)
@@ -99,7 +98,7 @@ def test_writer_keeps_records_through_an_outage_and_bounds_the_buffer(tmp_path, 
             raise OSError("store unreachable")
         original(fs, path, table)
 
-    monkeypatch.setattr(pl, "write_table_atomically", flaky)
+    monkeypatch.setattr(pl.layout, "write_table_atomically", flaky)
     dropped = []
     writer = pl.LogWriter(str(tmp_path), flush_records=1, flush_seconds=0.05, max_buffered=3, on_drop=dropped.append)
     try:
@@ -119,7 +118,7 @@ def test_writer_keeps_records_through_an_outage_and_bounds_the_buffer(tmp_path, 
 
 def test_close_retries_until_the_store_is_back(tmp_path, monkeypatch):
     failures = {"left": 3}
-    original = pl.write_table_atomically
+    original = pl.layout.write_table_atomically
 
     def recovering(fs, path, table):
         if failures["left"]:
@@ -127,7 +126,7 @@ def test_close_retries_until_the_store_is_back(tmp_path, monkeypatch):
             raise OSError("store unreachable")
         original(fs, path, table)
 
-    monkeypatch.setattr(pl, "write_table_atomically", recovering)
+    monkeypatch.setattr(pl.layout, "write_table_atomically", recovering)
     writer = pl.LogWriter(str(tmp_path), flush_seconds=0.05, close_timeout=20)
     writer.write([record(NOW, text) for text in "xyz"])
     writer.close()
@@ -141,7 +140,7 @@ def test_writes_are_atomic_no_temporary_file_is_left(tmp_path, monkeypatch):
     def broken_replace(source, target):
         raise OSError("disk full")
 
-    monkeypatch.setattr(pl.os, "replace", broken_replace)
+    monkeypatch.setattr(pl.layout.os, "replace", broken_replace)
     fs, root = pl.filesystem(str(tmp_path))
     with pytest.raises(OSError, match="disk full"):
         pl.write_table_atomically(fs, f"{root}/predictions/date=2026-12-01/hour=12/w-000000.parquet",

@@ -478,7 +478,7 @@ def test_feedback_answers_503_while_the_log_store_is_down(served, compressed_dir
     def store_down(uri, request_id):
         raise ServiceUnavailableError("object store unreachable at s3://logs/p", service="object store")
 
-    monkeypatch.setattr(prediction_log, "find_prediction", store_down)
+    monkeypatch.setattr(prediction_log.reader, "find_prediction", store_down)
     try:
         request_id = prediction_log.new_request_id(prediction_log.request_id_time(runtime.predict(["a"])[0].request_id))
         with pytest.raises(FeedbackError) as down:
