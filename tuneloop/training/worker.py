@@ -18,8 +18,8 @@ from tuneloop.errors import TuneloopError
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, train, and report a tuneloop error as one line plus a non-zero exit code."""
     parser = argparse.ArgumentParser(prog="tuneloop.training.worker")
-    parser.add_argument("--config-json", required=True, help="A file holding the config as JSON.")
-    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--config-json", required=True, help="A file or object-store URI holding the config as JSON.")
+    parser.add_argument("--dataset", required=True, help="The Dataset artifact: a path or URI.")
     parser.add_argument("--output", required=True)
     parser.add_argument("--fingerprint", default="")
     parser.add_argument("--pipeline-run", default="")
@@ -30,8 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     from tuneloop.training import distributed, finetune, storage
 
     try:
-        config = TuneloopConfig.from_json(Path(args.config_json).read_text(encoding="utf-8"))
-        dataset = storage.local_copy(args.dataset, Path(args.output).parent / "dataset.parquet")
+        scratch = Path(args.output).parent
+        config_file = storage.local_copy(args.config_json, scratch / "config.json")
+        config = TuneloopConfig.from_json(config_file.read_text(encoding="utf-8"))
+        dataset = storage.local_copy(args.dataset, scratch / "dataset.parquet")
         finetune.run(config, dataset, args.output, data_fingerprint=args.fingerprint,
                      pipeline_run=args.pipeline_run, task=args.task)
         if args.upload_to and distributed.is_rank_zero():
