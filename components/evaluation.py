@@ -21,8 +21,10 @@ def evaluate(
     """Score the compressed model on the test split and decide whether it is blessed.
 
     Checks: the configured thresholds, the macro-F1 compression cost against the uncompressed
-    model, and the drop against the current champion on the same test rows. Fails closed: any
-    error, or no thresholds, means not blessed.
+    model, and the drop against the current champion on the same test rows. Fails closed: no
+    thresholds, a champion that cannot be scored, or any other error while deciding means not
+    blessed. An outage is not a verdict: when MLflow or the object store cannot be reached the step
+    fails with a retryable error (no decision, no "model rejected" alert) and KFP retries it.
     """
     from collections import namedtuple
 

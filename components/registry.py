@@ -20,9 +20,11 @@ def register(
     """Register the blessed compressed model in the MLflow registry as the challenger.
 
     Tags the version with lineage (pipeline run, data fingerprint, test metrics, gate decision,
-    training frame) and points the alias challenger at it; the deploy step moves champion after a
-    successful rollout. Refuses a model the gate did not bless; on failure no version is left
-    behind and no alias moves.
+    and the training frame, stored in the MLflow run's artifact store) and points the alias
+    challenger at it; the deploy step moves champion after a successful rollout. Refuses a model
+    the gate did not bless. Safe to retry: an attempt first looks for the run and version an
+    earlier attempt of the same pipeline run created and completes them, so a retry never makes a
+    second version. An unreachable MLflow or object store fails the step with a retryable error.
     """
     import json
     from collections import namedtuple

@@ -136,3 +136,17 @@ def test_unreadable_decision_reads_as_not_blessed(tmp_path):
     assert read_decision(tmp_path / "absent.json")["blessed"] is False
     (tmp_path / "d.json").write_text('{"blessed": "yes"}')
     assert read_decision(tmp_path / "d.json")["blessed"] is False
+
+
+def test_mlflow_server_down_during_evaluate_is_retryable_and_decides_nothing(tmp_path, tiny_dataset,
+                                                                             classifiers, mlflow_server):
+    """The rehearsal's guarantee 7 in small: a stopped MLflow server fails the step, decides nothing."""
+    config = make_config(tmp_path, registry={"tracking_uri": mlflow_server.url, "retry_attempts": 2,
+                                             "retry_wait_s": 0})
+    mlflow_server.stop()
+    try:
+        with pytest.raises(ServiceUnavailableError, match=f"mlflow unreachable at {mlflow_server.url}"):
+            evaluation.run(config, tiny_dataset, tmp_path / "good", tmp_path / "good", tmp_path / "d.json")
+    finally:
+        mlflow_server.start()
+    assert not (tmp_path / "d.json").exists()

@@ -299,3 +299,50 @@ def test_unreachable_registry_is_an_outage_without_credentials(tmp_path, compres
         assert outage.value.service == "mlflow" and outage.value.exit_code == 75
         assert "s3cret" not in str(outage.value) and "s3cret" not in str(outage.value.uri)
         assert "127.0.0.1" in str(outage.value)
+
+
+# --- the same against a real MLflow server (Postgres backend, artifacts proxied to S3) ---------------
+
+
+@pytest.fixture
+def server_config(tmp_path, mlflow_server, s3_endpoint):
+    """A config on the shared MLflow server with a model and experiment of its own."""
+    import uuid
+
+    suffix = uuid.uuid4().hex[:8]
+    return make_config(tmp_path, registry={"tracking_uri": mlflow_server.url, "model_name": f"model-{suffix}",
+                                           "experiment": f"experiment-{suffix}", "retry_attempts": 2,
+                                           "retry_wait_s": 0})
+
+
+def test_server_register_killed_after_create_model_version_then_retried(server_config, compressed_dir,
+                                                                        tiny_dataset, s3_service, monkeypatch):
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    config = server_config
+    create = MlflowClient.create_model_version
+
+    def create_then_die(self, *args, **kwargs):
+        create(self, *args, **kwargs)
+        raise Killed()
+
+    monkeypatch.setattr(MlflowClient, "create_model_version", create_then_die)
+    with pytest.raises(Killed):
+        registry.register(config, compressed_dir, BLESSED, tiny_dataset, pipeline_run="run-k",
+                          aliases=(registry.CHALLENGER,))
+    monkeypatch.undo()
+    result = registry.register(config, compressed_dir, BLESSED, tiny_dataset, pipeline_run="run-k",
+                               aliases=(registry.CHALLENGER,))
+    versions = registry.list_versions(config)
+    assert [(v["version"], v["aliases"]) for v in versions] == [(result.version, ["challenger"])]
+    assert len(_versions_and_runs(config)[1]) == 1
+    experiment = registry.client(config).get_experiment_by_name(config.registry.experiment)
+    assert experiment.artifact_location.startswith("mlflow-artifacts:")  # the server's root, not a pod path
+    stored = s3_service.keys("tuneloop", "mlflow/")
+    assert any(key.endswith(f"{result.run_id}/artifacts/data/dataset.parquet") for key in stored), stored
+    tiny_dataset.unlink()
+    uri = registry.client(config).get_model_version(config.registry.model_name, result.version).tags[
+        "tuneloop.dataset_uri"]
+    frame = pd.read_parquet(registry.download_artifact(config, uri, tiny_dataset.parent / "ref", what="frame"))
+    assert len(frame) == 120
