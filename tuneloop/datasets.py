@@ -58,8 +58,8 @@ def _read_remote_table(uri: str, what: str) -> pd.DataFrame:
 
     reader = _table_reader(PurePosixPath(urlsplit(uri).path).suffix.lower(), what=what, location=uri)
     try:
-        filesystem, path = fsspec.core.url_to_fs(uri)
-        if not filesystem.isfile(path):
+        filesystem, path = fsspec.core.url_to_fs(uri, skip_instance_cache=True)  # endpoint from env now
+        if filesystem.info(path).get("type") != "file":  # info, not isfile: isfile hides outages
             raise FileNotFoundError(uri)
         with filesystem.open(path, "rb") as handle:
             return reader(handle)

@@ -171,11 +171,13 @@ def require_credential_secrets(config: TuneloopConfig, kubeflow: KubeflowConfig)
 
 
 def preflight(config: TuneloopConfig, base_model: str | None = None) -> None:
-    """Check what would otherwise fail minutes into a run: the base model and the data files.
+    """Check what would otherwise fail minutes into a run: the base model and the data files
+    (local paths or object-store URIs, read with :func:`tuneloop.datasets.read_table`).
 
     Raises:
         ConfigError: the base model does not exist.
         DataError: a data file is missing, unreadable, or lacks a configured column.
+        ServiceUnavailableError: the object store holding a data file could not be reached.
     """
     resolve_base_model(base_model or config.training.base_model)
     data = config.data

@@ -89,9 +89,10 @@ def _is_missing(value: Any) -> bool:
         return False
 
 
-def _read(path: Path, columns: list[str], what: str) -> pd.DataFrame:
-    frame = read_table(path, what=what)
-    require_columns(frame, columns, path=path, what=what)
+def _read(location: str, columns: list[str], what: str) -> pd.DataFrame:
+    """A data file (local path or object-store URI) that must hold ``columns``."""
+    frame = read_table(location, what=what)
+    require_columns(frame, columns, path=location, what=what)
     return frame
 
 
@@ -121,8 +122,8 @@ def load_labelled_frame(config: TuneloopConfig) -> pd.DataFrame:
         DataError: a file is missing or unreadable, or lacks a required column (named).
     """
     data = config.data
-    texts = _read(Path(data.texts), [data.id_column, data.timestamp_column, data.text_column], "texts file")
-    labels = _read(Path(data.labels), [data.id_column, data.timestamp_column, data.label_column], "labels file")
+    texts = _read(data.texts, [data.id_column, data.timestamp_column, data.text_column], "texts file")
+    labels = _read(data.labels, [data.id_column, data.timestamp_column, data.label_column], "labels file")
     examples = pd.DataFrame(
         {
             data.id_column: labels[data.id_column].astype(str),

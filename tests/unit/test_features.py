@@ -403,3 +403,92 @@ def test_cluster_flavour_reads_connections_from_env_only(tmp_path, monkeypatch):
     loaded = load_repo_config(overlay, overlay / "feature_store.yaml")
     assert loaded.registry.path == "postgresql+psycopg://u:p@db:5432/feast"
     assert loaded.online_store.connection_string == "redis:6379,password=p"
+
+
+# ------------------------------------------------------------------------------ set-up and outages
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_features_apply_command_is_idempotent_in_the_local_world(tmp_path, labelled_frame, capsys):
+    from click.testing import CliRunner
+
+    from tuneloop.cli import cli
+
+    write_inputs(tmp_path, labelled_frame)
+    config_file = tmp_path / "tuneloop.yaml"
+    config_file.write_text(yaml.safe_dump({"name": "sms-spam", "state_dir": str(tmp_path / "state"), "data": {
+        "texts": "texts.parquet", "labels": "labels.parquet", "classes": ["ham", "spam"]}}))
+
+    first = CliRunner().invoke(cli, ["features", "apply", "--config", str(config_file), "--materialize"])
+    second = CliRunner().invoke(cli, ["features", "apply", "--config", str(config_file)])
+
+    assert first.exception is None and second.exception is None, first.output + second.output
+    assert f"texts source: {tmp_path / 'texts.parquet'}" in first.output  # ready Parquet: no copy
+    assert "feature service sms_spam: create" in first.output and "online store: materialised" in first.output
+    assert f"registry {tmp_path / 'state' / 'feast' / 'registry.db'}: unchanged" in second.output
+
+
+def test_a_local_run_applies_itself_and_says_so(tmp_path, labelled_frame, capsys):
+    write_inputs(tmp_path, labelled_frame)
+    features.run(make_config(tmp_path), tmp_path / "dataset")
+    assert "local world: applied the definitions to the file registry" in capsys.readouterr().out
+    features.run(make_config(tmp_path), tmp_path / "dataset")
+    assert "applied the definitions" not in capsys.readouterr().out  # nothing left to apply
+
+
+def test_unreachable_registry_database_names_postgres_without_credentials(tmp_path, labelled_frame, monkeypatch):
+    from tuneloop.errors import ServiceUnavailableError
+
+    write_inputs(tmp_path, labelled_frame)
+    port = _closed_port()
+    monkeypatch.setenv("REGISTRY", f"postgresql+psycopg2://feast:s3cret@127.0.0.1:{port}/feast")
+    config = make_config(tmp_path, features={"registry_url_env": "REGISTRY"})
+    with pytest.raises(ServiceUnavailableError) as caught:
+        features.run(config, tmp_path / "dataset")
+    message = str(caught.value)
+    assert f"postgres (Feast registry) unreachable at postgresql+psycopg2://127.0.0.1:{port}/feast" in message
+    assert "s3cret" not in message and "//feast" not in message and "\n" not in message
+    assert caught.value.service == "postgres" and caught.value.exit_code == 75
+    assert not (tmp_path / "dataset").exists()
+
+
+def test_unreachable_redis_names_it_without_the_password(tmp_path, labelled_frame, monkeypatch):
+    from tuneloop.errors import ServiceUnavailableError
+
+    write_inputs(tmp_path, labelled_frame)
+    port = _closed_port()
+    monkeypatch.setenv("REDIS", f"redis://:hunter2@127.0.0.1:{port}/0")
+    config = make_config(tmp_path, features={"redis_connection_env": "REDIS"})
+    with pytest.raises(ServiceUnavailableError) as caught:
+        features.apply(config, materialize_until=T0.to_pydatetime())
+    assert f"redis (Feast online store) unreachable at 127.0.0.1:{port}" in str(caught.value)
+    assert "hunter2" not in str(caught.value) and caught.value.service == "redis"
+
+
+def test_unreachable_object_store_names_the_uri(tmp_path, monkeypatch):
+    from tuneloop.datasets import read_table
+    from tuneloop.errors import ServiceUnavailableError
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test-secret")
+    with pytest.raises(ServiceUnavailableError, match="object store unreachable while reading texts file "
+                                                      "s3://tuneloop/data/texts.parquet") as caught:
+        read_table("s3://tuneloop/data/texts.parquet", what="texts file")
+    assert caught.value.service == "object store" and "test-secret" not in str(caught.value)
+
+
+def test_redis_urls_become_feasts_connection_form(tmp_path, monkeypatch):
+    config = make_config(tmp_path, features={"redis_connection_env": "REDIS"})
+    monkeypatch.setenv("REDIS", "rediss://default:pw@redis.tuneloop:6380/2")
+    assert features.store.redis_connection(config) == "redis.tuneloop:6380,db=2,password=pw,ssl=true"
+    monkeypatch.setenv("REDIS", "redis.tuneloop:6379,password=pw")
+    assert features.store.redis_connection(config) == "redis.tuneloop:6379,password=pw"
+    assert features.redact("redis.tuneloop:6379,password=pw") == "redis.tuneloop:6379"

@@ -216,3 +216,21 @@ def test_an_expectation_gx_could_not_evaluate_is_a_failure():
     keyed = {"MetricConfigurationID(...)": flat, "other": {"raised_exception": False}}
     assert validation._exception_message(flat) == validation._exception_message(keyed) == "boom"
     assert validation._exception_message({"raised_exception": False, "exception_message": None}) is None
+
+
+def test_data_on_the_object_store_validates_like_local_files(tmp_path, labelled_frame, s3_endpoint):
+    """data.texts / data.labels as s3:// URIs (the cluster world) read exactly as the local files do."""
+    write_data(tmp_path, labelled_frame)
+    local = validation.load_labelled_frame(make_config(tmp_path))
+    for name in ("texts", "labels"):
+        pd.read_parquet(tmp_path / f"{name}.parquet").to_parquet(f"s3://tuneloop/validation/{name}.parquet")
+    remote = make_config(tmp_path, data={"texts": "s3://tuneloop/validation/texts.parquet",
+                                         "labels": "s3://tuneloop/validation/labels.parquet",
+                                         "classes": ["ham", "spam"]})
+
+    pd.testing.assert_frame_equal(validation.load_labelled_frame(remote), local)
+    summary = validation.run(remote, tmp_path / "s3out" / "report.html", tmp_path / "s3out" / "result.json")
+    assert summary.rows == len(labelled_frame)
+    with pytest.raises(DataError, match="labels file not found: s3://tuneloop/validation/nowhere.csv"):
+        validation.run(remote.model_copy(update={"data": remote.data.model_copy(
+            update={"labels": "s3://tuneloop/validation/nowhere.csv"})}), tmp_path / "x.html", tmp_path / "x.json")

@@ -77,7 +77,7 @@ def prepared_texts_uri(config: TuneloopConfig) -> str:
 def _filesystem(location: str):
     import fsspec
 
-    return fsspec.core.url_to_fs(location)
+    return fsspec.core.url_to_fs(location, skip_instance_cache=True)  # endpoint from the env now
 
 
 def _parquet_schema(location: str):

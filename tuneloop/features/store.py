@@ -78,9 +78,30 @@ def registry_url(config: TuneloopConfig) -> str | None:
 
 
 def redis_connection(config: TuneloopConfig) -> str | None:
-    """The Redis connection string from ``$<features.redis_connection_env>``, or None for SQLite."""
+    """The Redis connection string from ``$<features.redis_connection_env>`` in Feast's form
+    (``host:port,password=...,ssl=true``; a ``redis://`` or ``rediss://`` URL is converted), or None
+    for SQLite."""
     variable = config.features.redis_connection_env
-    return _secret_from_env(variable, "features.redis_connection_env") if variable else None
+    value = _secret_from_env(variable, "features.redis_connection_env") if variable else None
+    return _feast_redis_form(value) if value and "://" in value else value
+
+
+def _feast_redis_form(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        raise ConfigError(f"features.redis_connection_env: {redact(url)} is not a redis:// or rediss:// URL",
+                          field="features.redis_connection_env")
+    pieces = [f"{parts.hostname or 'localhost'}:{parts.port or 6379}"]
+    database = parts.path.strip("/")
+    if database:
+        pieces.append(f"db={database}")
+    if parts.password:
+        pieces.append(f"password={parts.password}")
+    if parts.username and parts.username != "default":
+        pieces.append(f"username={parts.username}")
+    if parts.scheme == "rediss":
+        pieces.append("ssl=true")
+    return ",".join(pieces)
 
 
 def repo_config(config: TuneloopConfig):
@@ -201,11 +222,25 @@ def pending_changes(store, definitions: FeatureDefinitions) -> list[str]:
     ours = {obj.name for obj in definitions.objects()}
     with quiet_feast():
         registry_diff, _, _ = store.plan(desired)
-    return [
-        f"{diff.feast_object_type} {diff.name}: {diff.transition_type.name.lower()}"
-        for diff in registry_diff.feast_object_diffs
-        if diff.name in ours and diff.transition_type in (TransitionType.CREATE, TransitionType.UPDATE)
-    ]
+    changes = []
+    for diff in registry_diff.feast_object_diffs:
+        if diff.name not in ours or diff.transition_type not in (TransitionType.CREATE, TransitionType.UPDATE):
+            continue
+        changed = [p.property_name for p in diff.feast_object_property_diffs
+                   if p.property_name != "meta" and _without_meta(p.val_existing) != _without_meta(p.val_declared)]
+        if diff.transition_type == TransitionType.CREATE or changed:
+            detail = f" ({', '.join(changed)})" if changed else ""
+            changes.append(f"{diff.feast_object_type.value} {diff.name}: {diff.transition_type.name.lower()}{detail}")
+    return changes
+
+
+def _without_meta(value):
+    """A protobuf value without its ``meta`` (creation and update times, materialisation intervals):
+    the registry sets those itself, so they never make a definition differ."""
+    if hasattr(value, "DESCRIPTOR") and "meta" in value.DESCRIPTOR.fields_by_name:
+        value = type(value).FromString(value.SerializeToString())
+        value.ClearField("meta")
+    return value
 
 
 @dataclass(frozen=True)
@@ -328,9 +363,8 @@ def online_features(config: TuneloopConfig, ids: list[str]) -> pd.DataFrame:
     Raises:
         ConfigError: the registry lacks the definitions, or (cluster) nothing was materialised.
     """
-    definitions = build_definitions(config) if not applies_on_read(config) else None
+    definitions = build_definitions(config, prepare_texts(config) if applies_on_read(config) else None)
     store = open_store(config, definitions, online=True)
-    definitions = definitions or build_definitions(config)
     view = store.get_feature_view(definitions.texts_view.name)
     if not view.materialization_intervals:
         if not applies_on_read(config):
