@@ -253,6 +253,77 @@ def list_models(config_path, as_json) -> None:
         )
 
 
+@cli.group()
+def features() -> None:
+    """The Feast feature store: set-up (apply, materialize); pipeline runs only read it."""
+
+
+def _until(value: str | None):
+    from datetime import datetime, timezone
+
+    if not value:
+        return datetime.now(timezone.utc)
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError as error:
+        raise click.BadParameter(f"{value!r} is not an ISO date or time (e.g. 2026-12-01T00:00Z)") from error
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+@features.command(name="apply")
+@config_option
+@click.option("--materialize/--no-materialize", "load_online", default=False, show_default=True,
+              help="Also load the latest texts into the online store (Redis in a cluster).")
+@click.option("--until", default=None, help="Materialise texts known up to this ISO time (default: now).")
+def apply_features(config_path, load_online, until) -> None:
+    """Prepare the texts source, register the definitions, optionally materialise (set-up, idempotent).
+
+    Run it once per cluster and again whenever the config's features or the texts change (CI/CD);
+    a second run with nothing new changes nothing.
+    """
+    from tuneloop import features as feature_store
+    from tuneloop.config import load_config
+
+    result = feature_store.apply(load_config(config_path), materialize_until=_until(until) if load_online else None)
+    click.echo(f"texts source: {result.texts_source}")
+    click.echo(f"registry {result.registry}: " + ("; ".join(result.changes) if result.changes else "unchanged"))
+    if result.materialized_until:
+        click.echo(f"online store: materialised up to {result.materialized_until.isoformat()}")
+
+
+@features.command(name="materialize")
+@config_option
+@click.option("--until", default=None, help="Materialise texts known up to this ISO time (default: now).")
+def materialize_features(config_path, until) -> None:
+    """Load the latest text of each entity into the online store (needs `features apply` first)."""
+    from tuneloop import features as feature_store
+    from tuneloop.config import load_config
+
+    moment = _until(until)
+    feature_store.materialize(load_config(config_path), moment)
+    click.echo(f"online store: materialised up to {moment.isoformat()}")
+
+
+@cli.command()
+@config_option
+@click.option("--trials", type=click.IntRange(min=1), default=None,
+              help="The study's total number of trials (default: tuning.trials); a rerun adds only the missing ones.")
+@click.option("--dataset", default=None, type=click.Path(dir_okay=False),
+              help="A Dataset artifact (Parquet with a split column); default: built from the config's data.")
+def tune(config_path, trials, dataset) -> None:
+    """Search hyperparameters with Optuna (TPE, pruning) and report the best ones."""
+    from tuneloop.config import load_config
+    from tuneloop.tuning import tune as run_search
+
+    summary = run_search(load_config(config_path), dataset, trials=trials)
+    click.echo(f"study {summary.study_name!r} ({summary.storage}): {summary.trials} trials, {summary.completed} "
+               f"completed, {summary.pruned} pruned, {summary.failed} failed ({summary.ran_here} run now)")
+    click.echo(f"best validation macro-F1 {summary.best_value:.4f} (trial {summary.best_trial}): "
+               f"{json.dumps(summary.best_params, sort_keys=True)}")
+    if summary.registry_run_id:
+        click.echo(f"recorded in the registry as run {summary.registry_run_id}")
+
+
 def main() -> None:
     """Entry point: run the CLI, turning tuneloop errors into one line and an exit code."""
     try:
