@@ -13,6 +13,7 @@ def deploy(
     config_json: str,
     version: str,
     deployment: Output[Artifact],
+    pipeline_run: str = "",
 ) -> NamedTuple("DeployOutputs", status=str, champion=str):
     """Deploy a registered model version and make it champion.
 
@@ -22,6 +23,8 @@ def deploy(
     champion alias where it was (the step then fails); local loads the version as the server would
     and smoke-tests it. Deploying the version already live does nothing. The result (status,
     previous version, smoke answers) is written as JSON to the deployment artifact either way.
+    The outcome is recorded per (pipeline_run, version) in the shared state database: a KFP retry
+    after a failed smoke test reports that failure instead of rolling the model out again.
     """
     import json
     from collections import namedtuple
@@ -31,7 +34,7 @@ def deploy(
     from tuneloop.config import TuneloopConfig
 
     try:
-        result = stage.deploy(TuneloopConfig.from_json(config_json), version)
+        result = stage.deploy(TuneloopConfig.from_json(config_json), version, pipeline_run=pipeline_run or None)
     except stage.DeploymentError as error:
         if error.result is not None:
             Path(deployment.path).write_text(json.dumps(error.result.to_dict(), indent=2))

@@ -75,7 +75,8 @@ def build_pipeline(kubeflow: KubeflowConfig | None = None):
                     dataset=features.outputs["dataset"],
                     pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
                 )
-                deployed = deploy(config_json=config_json, version=registered.outputs["version"])
+                deployed = deploy(config_json=config_json, version=registered.outputs["version"],
+                                  pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
             with dsl.Else(name="rejected"):
                 rejected = report_rejection(
                     config_json=config_json,

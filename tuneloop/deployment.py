@@ -17,11 +17,18 @@ Two targets (``deployment.target``):
   it ran before and leaves ``champion`` where it was. Success moves ``champion``.
 
 Deploying the version that is already live (and champion) does nothing. Every champion move is
-recorded: the alias ``previous-champion`` names the version it replaced, and the registered model's
-tag ``tuneloop.champion_history`` keeps the sequence of champions (JSON list, newest last, at most
-:data:`HISTORY_LIMIT`). :func:`rollback` makes the newest earlier entry champion again (re-rolling the
-cluster on the Kubernetes target) and drops the rolled-back entries, so repeated rollbacks walk
-further back instead of toggling between two versions.
+recorded: the alias ``previous-champion`` names the version it replaced, and the champion history
+(newest last, at most :data:`HISTORY_LIMIT`) lives in the shared state database
+(:mod:`tuneloop.state_store`), written by compare-and-set on a revision while the champion lock is
+held, so concurrent deploys and promotions lose no entry and the alias always matches the history's
+newest entry; the registered model's tag ``tuneloop.champion_history`` mirrors it for display. Read
+errors propagate: an unreadable history is an error, never an empty one. :func:`rollback` makes the
+newest earlier entry champion again (re-rolling the cluster on the Kubernetes target) and drops the
+rolled-back entries, so repeated rollbacks walk further back instead of toggling between two versions.
+
+Given ``pipeline_run``, :func:`deploy` records its outcome per (pipeline run, model version) in the
+state database and looks for it before acting: a KFP retry after a failed smoke test reports that
+failure instead of rolling the same model out again, and a retry after success does nothing.
 """
 
 from __future__ import annotations
@@ -106,6 +113,7 @@ def deploy(
     config: TuneloopConfig,
     version: str,
     *,
+    pipeline_run: str | None = None,
     apps_api: Any = None,
     http: Callable[..., tuple[int, Any]] | None = None,
     build: Callable[[TuneloopConfig, str], str | None] | None = None,
@@ -117,6 +125,8 @@ def deploy(
     Args:
         config: the project config (``deployment`` and ``registry`` sections).
         version: the registry version to deploy.
+        pipeline_run: the pipeline run deploying it. Its outcome is recorded, and a repeat of the same
+            run (a KFP retry) returns or raises that recorded outcome instead of rolling out again.
         apps_api: a ``kubernetes.client.AppsV1Api`` (default: in-cluster config, else kubeconfig).
         http: ``post(url, json=..., headers=..., timeout=...) -> (status, body)`` for smoke requests.
         build: builds the Bento and returns its tag (default :func:`build_bento`; skipped when
@@ -128,10 +138,25 @@ def deploy(
 
     Raises:
         DeploymentError: the rollout or a smoke test failed (the cluster was rolled back, champion
-            unchanged), or the Bento could not be built.
+            unchanged), or the Bento could not be built, or this pipeline run already failed to
+            deploy this version.
         RegistryError: the version does not exist.
+        ServiceUnavailableError: the state database is unreachable.
     """
-    return _deploy(config, str(version), apps_api=apps_api, http=http, build=build, sleep=sleep, clock=clock)
+    version = str(version)
+    if pipeline_run:
+        earlier = deploy_outcome(config, pipeline_run, version)
+        if earlier is not None:
+            return _repeated(earlier, pipeline_run)
+    try:
+        result = _deploy(config, version, apps_api=apps_api, http=http, build=build, sleep=sleep, clock=clock)
+    except DeploymentError as error:
+        if pipeline_run and error.result is not None:  # rolled out or smoke-tested, and failed: a verdict
+            _record_outcome(config, pipeline_run, error.result)
+        raise
+    if pipeline_run:
+        _record_outcome(config, pipeline_run, result)
+    return result
 
 
 def promote(config: TuneloopConfig, version: str, **options: Any) -> DeployResult:
@@ -168,8 +193,7 @@ def rollback(config: TuneloopConfig, **options: Any) -> DeployResult:
     from tuneloop import registry
 
     champion = registry.alias_version(config, registry.CHAMPION)
-    mlflow = registry.client(config)
-    history = _history(mlflow, config.registry.model_name)
+    history = champion_history(config)
     target, truncated = _rollback_target(config, champion, history)
     if target is None:
         raise DeploymentError(
@@ -178,9 +202,9 @@ def rollback(config: TuneloopConfig, **options: Any) -> DeployResult:
             field="champion",
         )
     if config.deployment.target == "kubernetes":
-        result = _deploy(config, target, history=truncated, **options)
+        result = _deploy(config, target, rollback=True, **options)
     else:
-        previous = _move_champion(config, target, history=truncated)
+        previous = _move_champion(config, target, rollback=True)
         result = DeployResult(target, "local", DEPLOYED, previous_version=previous, champion=target,
                               previous_champion=_previous_in(truncated, target))
     result.message = f"rolled back champion {champion or '-'} -> {target}. " + result.message
@@ -316,7 +340,7 @@ def serving_dir() -> Path:
 
 
 def _deploy(config, version, *, apps_api=None, http=None, build=None, sleep=time.sleep, clock=time.monotonic,
-            history: list[str] | None = None) -> DeployResult:
+            rollback: bool = False) -> DeployResult:
     from tuneloop import registry, serving
 
     serving.model_version_source(config, version)  # RegistryError for an unknown version
@@ -351,7 +375,7 @@ def _deploy(config, version, *, apps_api=None, http=None, build=None, sleep=time
             result.message = f"smoke test failed on version {version}: {_describe_failures(failed)}; champion stays " \
                              f"{champion or '-'}"
             raise DeploymentError(result.message, result=result)
-    result.previous_champion = _move_champion(config, version, history=history)
+    result.previous_champion = _move_champion(config, version, rollback=rollback)
     result.champion = version
     result.status = DEPLOYED
     result.message = (result.message + " " if result.message else "") + f"version {version} deployed to " \
@@ -665,27 +689,139 @@ def _httpx_post(url: str, *, json: Any, headers: dict[str, str], timeout: float)
 # Champion history
 
 
-def _history(mlflow, name: str) -> list[str]:
+@dataclass
+class _History:
+    """The champion history as read: its versions (oldest first) and the revision they were read at
+    (0: no row in the state database yet)."""
+
+    versions: list[str]
+    revision: int
+
+
+HISTORY_WRITE_ATTEMPTS = 20
+
+
+def champion_history(config: TuneloopConfig) -> list[str]:
+    """The champions of the registered model, oldest first.
+
+    Raises:
+        ServiceUnavailableError: the state database is unreachable (never an empty history).
+        RegistryError: the history cannot be read.
+    """
+    return _history(config).versions
+
+
+def _history(config: TuneloopConfig, connection=None) -> _History:
+    """The history in the state database; before its first write there, the MLflow tag that older
+    tuneloop versions kept. Read errors propagate."""
+    import sqlalchemy as sa
+
+    from tuneloop import state_store
+
+    table = state_store.champion_history
+    query = sa.select(table.c.versions, table.c.revision).where(table.c.model_name == config.registry.model_name)
+    if connection is None:
+        with state_store.transaction(config) as own:
+            row = own.execute(query).first()
+    else:
+        row = connection.execute(query).first()
+    if row is not None:
+        return _History([str(item) for item in json.loads(row.versions)], row.revision)
+    return _History(_tag_history(config), 0)
+
+
+def _tag_history(config: TuneloopConfig) -> list[str]:
+    from mlflow.exceptions import MlflowException
+
+    from tuneloop import registry
+
+    name = config.registry.model_name
     try:
-        tags = mlflow.get_registered_model(name).tags or {}
-        history = json.loads(tags.get(HISTORY_TAG, "[]"))
-    except Exception:  # a missing model or a hand-edited tag: no history
-        return []
+        tags = registry.client(config).get_registered_model(name).tags or {}
+    except MlflowException as error:
+        if "RESOURCE_DOES_NOT_EXIST" in str(error.error_code):
+            return []
+        raise
+    try:
+        history = json.loads(tags.get(HISTORY_TAG) or "[]")
+    except json.JSONDecodeError as error:
+        raise RegistryError(f"the champion history tag {HISTORY_TAG} of {name!r} is not JSON ({error}); fix or "
+                            f"delete the tag", stage=STAGE, field=HISTORY_TAG) from error
+    if not isinstance(history, list):
+        raise RegistryError(f"the champion history tag {HISTORY_TAG} of {name!r} is not a JSON list", stage=STAGE,
+                            field=HISTORY_TAG)
     return [str(item) for item in history if isinstance(item, (str, int))]
+
+
+def _compare_and_set(connection, config: TuneloopConfig, seen: _History, versions: list[str]) -> bool:
+    """Write ``versions`` if the history is still at ``seen.revision``; False when another writer was first."""
+    import datetime as dt
+
+    from tuneloop import state_store
+
+    table = state_store.champion_history
+    values = {"versions": state_store.dumps(versions[-HISTORY_LIMIT:]), "revision": seen.revision + 1,
+              "updated_at": dt.datetime.now(dt.timezone.utc).isoformat()}
+    if seen.revision == 0:
+        connection.execute(table.insert().values(model_name=config.registry.model_name, **values))
+        return True  # a concurrent first insert fails the transaction with IntegrityError
+    updated = connection.execute(table.update().where(table.c.model_name == config.registry.model_name,
+                                                      table.c.revision == seen.revision).values(**values))
+    return updated.rowcount == 1
+
+
+def _update_history(config: TuneloopConfig, change: Callable[[list[str]], list[str] | None], *,
+                    lock: bool = False, then: Callable[[list[str]], None] | None = None) -> list[str]:
+    """Apply ``change`` to the history by compare-and-set, re-reading and retrying on a conflict.
+
+    Args:
+        change: the new history from the current one (None: leave it as it is).
+        lock: hold the champion lock for the whole read-change-write (champion moves, so that the
+            alias moves in ``then`` happen in the same order as the history's entries).
+        then: runs inside the transaction after a successful write (a failure rolls the write back).
+
+    Returns:
+        the history as written (or as found, when ``change`` left it alone).
+    """
+    from sqlalchemy.exc import IntegrityError
+
+    from tuneloop import state_store
+
+    name = config.registry.model_name
+    for _ in range(HISTORY_WRITE_ATTEMPTS):
+        try:
+            with state_store.transaction(config, lock=f"tuneloop-champion:{name}" if lock else None) as connection:
+                seen = _history(config, connection)
+                wanted = change(list(seen.versions))
+                if wanted is None:
+                    return seen.versions
+                if not _compare_and_set(connection, config, seen, wanted):
+                    continue
+                if then is not None:
+                    then(wanted[-HISTORY_LIMIT:])
+        except IntegrityError:  # another writer created the row first: read it and try again
+            continue
+        _mirror_tag(config, wanted[-HISTORY_LIMIT:])
+        return wanted[-HISTORY_LIMIT:]
+    raise DeploymentError(f"the champion history of {name!r} kept changing under concurrent writers "
+                          f"({HISTORY_WRITE_ATTEMPTS} tries); try again")
+
+
+def _mirror_tag(config: TuneloopConfig, history: list[str]) -> None:
+    """Show the history on the registered model (display only: the state database is the record)."""
+    from tuneloop import registry
+
+    try:
+        registry.client(config).set_registered_model_tag(config.registry.model_name, HISTORY_TAG, json.dumps(history))
+    except Exception as error:  # the registry's own errors; the record is already written
+        logger.warning("could not mirror the champion history of %s to the tag %s: %s",
+                       config.registry.model_name, HISTORY_TAG, error)
 
 
 def _seed_history(config: TuneloopConfig, version: str) -> None:
     """Start the champion history with ``version`` when none is recorded yet (a champion set by
     ``register`` alone), so that a later rollback can return to it."""
-    from tuneloop import registry
-
-    mlflow = registry.client(config)
-    name = config.registry.model_name
-    if not _history(mlflow, name):
-        try:
-            mlflow.set_registered_model_tag(name, HISTORY_TAG, json.dumps([str(version)]))
-        except Exception:  # recording is best effort; the deploy itself did nothing
-            logger.warning("could not record the champion history of %s", name)
+    _update_history(config, lambda history: None if history else [str(version)])
 
 
 def _previous_in(history: list[str], version: str) -> str | None:
@@ -696,8 +832,15 @@ def _previous_in(history: list[str], version: str) -> str | None:
     return earlier[-1] if earlier else None
 
 
-def _move_champion(config: TuneloopConfig, version: str, *, history: list[str] | None = None) -> str | None:
+def _move_champion(config: TuneloopConfig, version: str, *, rollback: bool = False) -> str | None:
     """Point ``champion`` at ``version``; record the old one as ``previous-champion`` and in the history.
+
+    The read of the current champion, the history write (compare-and-set) and the alias moves happen
+    under the champion lock, in one transaction: concurrent moves are serialised and lose no entry.
+
+    Args:
+        rollback: cut the history after the newest ``version`` entry (the rolled-back entries go)
+            instead of appending to it.
 
     Returns:
         the version that was champion before (None when there was none).
@@ -706,30 +849,93 @@ def _move_champion(config: TuneloopConfig, version: str, *, history: list[str] |
 
     mlflow = registry.client(config)
     name = config.registry.model_name
-    previous = registry.alias_version(config, registry.CHAMPION)
-    if history is None:
-        history = _history(mlflow, name)
-        if previous and previous != version and (not history or history[-1] != previous):
-            history.append(previous)
+    previous: list[str | None] = [None]
+
+    def change(history: list[str]) -> list[str]:
+        previous[0] = registry.alias_version(config, registry.CHAMPION)
+        if rollback:
+            if version not in history:
+                return [version]
+            return history[: len(history) - history[::-1].index(version)]
+        if previous[0] and previous[0] != version and (not history or history[-1] != previous[0]):
+            history.append(previous[0])
         if not history or history[-1] != version:
             history.append(version)
-    history = history[-HISTORY_LIMIT:]
+        return history
+
+    def move_aliases(history: list[str]) -> None:
+        try:
+            mlflow.set_registered_model_alias(name, registry.CHAMPION, version)
+            before = _previous_in(history, version)
+            if before:
+                mlflow.set_registered_model_alias(name, PREVIOUS_CHAMPION, before)
+            else:
+                try:
+                    mlflow.delete_registered_model_alias(name, PREVIOUS_CHAMPION)
+                except Exception:  # the alias did not exist
+                    pass
+        except Exception as error:
+            raise RegistryError(f"could not move {registry.CHAMPION} of {name!r} to version {version}: {error}",
+                                stage=STAGE) from error
+
+    _update_history(config, change, lock=True, then=move_aliases)
+    logger.info("champion of %s: %s -> %s", name, previous[0], version)
+    return previous[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Deploy outcomes per pipeline run
+
+
+def deploy_outcome(config: TuneloopConfig, pipeline_run: str, version: str) -> DeployResult | None:
+    """What ``pipeline_run`` recorded when it deployed ``version`` (None: it has not finished one).
+
+    Raises:
+        ServiceUnavailableError: the state database is unreachable.
+    """
+    import sqlalchemy as sa
+
+    from tuneloop import state_store
+
+    table = state_store.deploy_outcomes
+    with state_store.transaction(config) as connection:
+        row = connection.execute(sa.select(table.c.result).where(
+            table.c.model_name == config.registry.model_name, table.c.pipeline_run == pipeline_run,
+            table.c.version == str(version))).first()
+    if row is None:
+        return None
+    recorded = json.loads(row.result)
+    recorded["smoke"] = [SmokeCheck(**check) for check in recorded.get("smoke", [])]
+    return DeployResult(**recorded)
+
+
+def _record_outcome(config: TuneloopConfig, pipeline_run: str, result: DeployResult) -> None:
+    import datetime as dt
+
+    from sqlalchemy.exc import IntegrityError
+
+    from tuneloop import state_store
+
+    table = state_store.deploy_outcomes
     try:
-        mlflow.set_registered_model_alias(name, registry.CHAMPION, version)
-        before = _previous_in(history, version)
-        if before:
-            mlflow.set_registered_model_alias(name, PREVIOUS_CHAMPION, before)
-        else:
-            try:
-                mlflow.delete_registered_model_alias(name, PREVIOUS_CHAMPION)
-            except Exception:  # the alias did not exist
-                pass
-        mlflow.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
-    except Exception as error:
-        raise RegistryError(f"could not move {registry.CHAMPION} of {name!r} to version {version}: {error}",
-                            stage=STAGE) from error
-    logger.info("champion of %s: %s -> %s", name, previous, version)
-    return previous
+        with state_store.transaction(config) as connection:
+            connection.execute(table.insert().values(
+                model_name=config.registry.model_name, pipeline_run=pipeline_run, version=result.version,
+                status=result.status, message=result.message, result=state_store.dumps(result.to_dict()),
+                recorded_at=dt.datetime.now(dt.timezone.utc).isoformat()))
+    except IntegrityError:  # a concurrent attempt of the same run recorded first: its record stands
+        logger.warning("pipeline run %s already recorded its deploy of version %s", pipeline_run, result.version)
+
+
+def _repeated(earlier: DeployResult, pipeline_run: str) -> DeployResult:
+    """A repeat of a pipeline run's deploy: the recorded failure again, or the recorded success."""
+    if earlier.status == FAILED:
+        message = (f"pipeline run {pipeline_run} already tried version {earlier.version} and it failed; not rolling "
+                   f"it out again: {earlier.message}")
+        raise DeploymentError(message, result=earlier)
+    earlier.message = f"pipeline run {pipeline_run} already deployed version {earlier.version}: nothing to do " \
+                      f"({earlier.message})"
+    return earlier
 
 
 def _rollback_target(config, champion: str | None, history: list[str]) -> tuple[str | None, list[str]]:

@@ -199,7 +199,18 @@ def cluster_registry(shared_registry):
         mlflow.delete_registered_model_tag(name, deployment.HISTORY_TAG)
     except Exception:
         pass
+    clear_state(config)
     return config
+
+
+def clear_state(config):
+    """Forget the champion history and the deploy outcomes the state database holds for this model."""
+    from tuneloop import state_store
+
+    name = config.registry.model_name
+    with state_store.transaction(config) as connection:
+        for table in (state_store.champion_history, state_store.deploy_outcomes):
+            connection.execute(table.delete().where(table.c.model_name == name))
 
 
 def run_deploy(config, version, cluster, server=None, clock=None, **kwargs):
@@ -373,6 +384,124 @@ def test_failed_rollback_rollout_keeps_the_champion(cluster_registry):
     assert (cluster.live_version, champion(config)) == ("2", "2")
 
 
+# --------------------------------------------------------------------------------------------
+# Deploy outcomes per pipeline run: a KFP retry looks for its own earlier attempt
+
+
+def test_a_retry_after_a_failed_smoke_test_reports_it_and_does_not_roll_out_again(cluster_registry):
+    cluster = FakeAppsV1Api("1")
+    server = FakeServer(cluster, labels={"2": lambda text: "ham"})
+    with pytest.raises(DeploymentError, match="smoke test failed on version 2"):
+        run_deploy(cluster_registry, "2", cluster, server, pipeline_run="training-run-7")
+    assert len(cluster.patches) == 2 and len(server.requests) >= 1
+    patches, requests = len(cluster.patches), len(server.requests)
+    with pytest.raises(DeploymentError, match="pipeline run training-run-7 already tried version 2 and it failed; "
+                                              "not rolling it out again: .*smoke test failed") as retried:
+        run_deploy(cluster_registry, "2", cluster, FakeServer(cluster), pipeline_run="training-run-7")
+    assert (len(cluster.patches), len(server.requests)) == (patches, requests), "nothing rolled out or sent again"
+    assert retried.value.result.status == "failed" and retried.value.result.smoke[0].label == "ham"
+    assert champion(cluster_registry) == "1"
+    # another pipeline run is a new attempt, judged on its own
+    assert run_deploy(cluster_registry, "2", cluster, FakeServer(cluster), pipeline_run="training-run-8").status \
+        == "deployed"
+
+
+def test_a_retry_after_success_is_a_no_op_success(cluster_registry):
+    cluster = FakeAppsV1Api("1")
+    first = run_deploy(cluster_registry, "2", cluster, pipeline_run="training-run-9")
+    assert first.status == "deployed" and len(cluster.patches) == 1
+    cluster.deployment.metadata.annotations[ANNOTATION] = "1"  # even if the cluster drifted meanwhile
+    again = run_deploy(cluster_registry, "2", cluster, pipeline_run="training-run-9")
+    assert again.status == "deployed" and "already deployed version 2: nothing to do" in again.message
+    assert len(cluster.patches) == 1
+    assert deployment.deploy_outcome(cluster_registry, "training-run-9", "2").status == "deployed"
+    assert deployment.deploy_outcome(cluster_registry, "training-run-9", "3") is None
+
+
+def test_an_outage_is_not_recorded_as_an_outcome(cluster_registry):
+    cluster = FakeAppsV1Api("1")
+    cluster.missing = True  # the Deployment cannot be read: nothing was rolled out, nothing recorded
+    with pytest.raises(DeploymentError, match="does not exist"):
+        run_deploy(cluster_registry, "2", cluster, pipeline_run="training-run-10")
+    assert deployment.deploy_outcome(cluster_registry, "training-run-10", "2") is None
+
+
+# --------------------------------------------------------------------------------------------
+# Champion history: read errors propagate, concurrent writers lose no entry
+
+
+def test_an_unreadable_history_is_an_error_never_an_empty_history(cluster_registry, monkeypatch):
+    import socket
+
+    from tuneloop.errors import ServiceUnavailableError
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("TUNELOOP_TEST_STATE_DB", f"postgresql://u:pw@127.0.0.1:{port}/state")
+    config = cluster_registry.model_copy(update={"state": cluster_registry.state.model_copy(
+        update={"database_url_env": "TUNELOOP_TEST_STATE_DB"})})
+    cluster = FakeAppsV1Api("1")
+    with pytest.raises(ServiceUnavailableError, match="postgres"):
+        deployment.rollback(config, apps_api=cluster, http=FakeServer(cluster))
+    with pytest.raises(ServiceUnavailableError):
+        deployment.champion_history(config)
+    assert cluster.patches == [] and champion(cluster_registry) == "1"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def history_config(request, tmp_path, monkeypatch):
+    import uuid
+
+    name = f"history-{uuid.uuid4().hex[:8]}"
+    if request.param == "sqlite":
+        return make_config(tmp_path, registry={"model_name": name})
+    monkeypatch.setenv("TUNELOOP_TEST_STATE_DB", request.getfixturevalue("postgres_url"))
+    return make_config(tmp_path, registry={"model_name": name}, state={"database_url_env": "TUNELOOP_TEST_STATE_DB"})
+
+
+def test_concurrent_history_writers_lose_no_entry(history_config, monkeypatch):
+    import threading
+
+    config = history_config
+    monkeypatch.setattr(deployment, "_mirror_tag", lambda cfg, history: None)  # no registered model here
+    writers, each = 4, 5
+    barrier = threading.Barrier(writers)
+    failures = []
+
+    def write(n: int) -> None:
+        barrier.wait()
+        try:
+            for k in range(each):
+                deployment._update_history(config, lambda history, entry=f"{n}.{k}": history + [entry])
+        except Exception as error:  # surfaced below
+            failures.append(error)
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(writers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    history = deployment.champion_history(config)
+    assert sorted(history) == sorted(f"{n}.{k}" for n in range(writers) for k in range(each))
+    for n in range(writers):  # each writer's entries in its own order
+        assert [entry for entry in history if entry.startswith(f"{n}.")] == [f"{n}.{k}" for k in range(each)]
+
+
+def test_a_stale_compare_and_set_is_refused(history_config):
+    from tuneloop import state_store
+
+    config = history_config
+    with state_store.transaction(config) as connection:
+        assert deployment._compare_and_set(connection, config, deployment._History([], 0), ["1"])
+    seen = deployment._history(config)
+    with state_store.transaction(config) as connection:
+        assert deployment._compare_and_set(connection, config, seen, ["1", "2"])
+        assert not deployment._compare_and_set(connection, config, seen, ["1", "3"]), "revision moved on"
+    assert deployment.champion_history(config) == ["1", "2"]
+
+
 def test_rollout_state_reads_like_kubectl():
     cluster = FakeAppsV1Api("1")
     state = cluster.read_namespaced_deployment_status("tuneloop-serving", "tuneloop")
@@ -455,6 +584,36 @@ def test_local_promote_and_rollback_move_aliases(tmp_path, fake_artifact, tiny_d
     assert deployment.rollback(config).version == "1" and champion(config) == "1"
     with pytest.raises(DeploymentError, match="nothing to roll back to"):
         deployment.rollback(config)
+
+
+def test_concurrent_promotions_lose_no_entry_and_the_champion_is_the_newest(tmp_path, fake_artifact, tiny_dataset):
+    import threading
+
+    config = make_config(tmp_path)
+    for _ in range(4):
+        registry.register(config, fake_artifact, BLESSED, tiny_dataset, aliases=(registry.CHALLENGER,))
+    deployment.promote(config, "1")
+    barrier = threading.Barrier(3)
+    failures = []
+
+    def promote(version: str) -> None:
+        barrier.wait()
+        try:
+            deployment.promote(config, version)
+        except Exception as error:  # surfaced below
+            failures.append(error)
+
+    threads = [threading.Thread(target=promote, args=(v,)) for v in ("2", "3", "4")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    history = deployment.champion_history(config)
+    assert history[0] == "1" and sorted(history[1:]) == ["2", "3", "4"], history
+    assert champion(config) == history[-1], "the alias moved in the order the history records"
+    assert registry.alias_version(config, deployment.PREVIOUS_CHAMPION) == history[-2]
+    assert deployment.rollback(config).version == history[-2]
 
 
 def test_rollback_after_register_moved_the_champion(tmp_path, fake_artifact, tiny_dataset):
