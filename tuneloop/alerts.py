@@ -42,7 +42,7 @@ import tenacity
 
 from tuneloop import state_store
 from tuneloop.config import TuneloopConfig
-from tuneloop.errors import ServiceUnavailableError, TuneloopError
+from tuneloop.errors import ServiceUnavailableError
 from tuneloop.state_store import alert_log
 
 WEBHOOK_ATTEMPTS = 3
@@ -51,12 +51,6 @@ WEBHOOK_BACKOFF_SECONDS = 1.0
 RETRY_AFTER_CAP_SECONDS = 60.0
 """A ``Retry-After`` longer than this is cut to it (the monitor run must end)."""
 DELIVERED, SPOOLED, NOT_CONFIGURED = "delivered", "spooled", "not configured"
-
-
-class AlertError(TuneloopError):
-    """An alert could be neither recorded nor delivered."""
-
-    exit_code = 8
 
 
 @dataclass(frozen=True)

@@ -264,3 +264,20 @@ def test_monitor_exit_code_says_the_alert_was_spooled_and_the_next_run_sends_it(
     assert second.verdict == monitoring.INSUFFICIENT_DATA and second.exit_code == 11
     assert [body["tuneloop"]["kind"] for body in hook.bodies] == ["drift_detected"]
     assert alerts.read_spool(config) == []
+
+
+def test_monitor_with_an_unreachable_state_database_fails_with_one_line_and_no_password(drifting, monkeypatch,
+                                                                                       dead_url, capsys):
+    from tuneloop.errors import ServiceUnavailableError
+
+    config, reference, now = drifting
+    port = dead_url.split(":")[2].split("/")[0]
+    monkeypatch.setenv("TUNELOOP_TEST_STATE_DB", f"postgresql://tuneloop:pa55word@127.0.0.1:{port}/state")
+    monkeypatch.delenv("TUNELOOP_WEBHOOK_URL", raising=False)
+    config = config.model_copy(update={"state": config.state.model_copy(
+        update={"database_url_env": "TUNELOOP_TEST_STATE_DB"})})
+    with pytest.raises(ServiceUnavailableError) as caught:
+        monitoring.monitor(config, "24h", reference=reference, model_version="1", now=now)
+    line = f"error: {caught.value}"  # what `tuneloop monitor` prints before exiting 75
+    assert "\n" not in line and "pa55word" not in line + capsys.readouterr().out
+    assert f"postgres at postgresql://***@127.0.0.1:{port}/state" in line and caught.value.exit_code == 75
