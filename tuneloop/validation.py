@@ -11,6 +11,8 @@ text of its id). The joined frame is checked by a GX 1.x suite that reads like a
 - unique ids
 - at least ``min_rows`` rows
 - at least ``min_rows_per_class`` rows per class (checked on a second frame of per-class counts)
+- at most ``privacy.max_pii_row_share`` of rows contain personal data (when set; the report always
+  counts personal data per type, :func:`tuneloop.privacy.pii_summary`, never showing a text)
 
 :func:`run` writes a JSON result and a self-contained HTML report, both even when the data fails,
 and raises :class:`~tuneloop.errors.DataValidationError` listing every failed expectation.
@@ -35,6 +37,7 @@ import pandas as pd
 from tuneloop.config import TuneloopConfig
 from tuneloop.datasets import fingerprint_frame, read_table, require_columns
 from tuneloop.errors import DataError, DataValidationError
+from tuneloop.privacy import pii_summary, pii_table_html
 
 STAGE = "validation"
 COUNT_COLUMN = "rows"
@@ -446,7 +449,7 @@ def render_html(result: dict) -> str:
         f"<style>{_CSS}</style></head><body><h1>Data validation {verdict}</h1>"
         f"<p>Great Expectations {html.escape(str(result.get('great_expectations', '')))}; "
         "every expectation is critical.</p>"
-        f"<dl>{details}</dl>{table}</body></html>"
+        f"<dl>{details}</dl>{table}{pii_table_html(result['pii']) if result.get('pii') else ''}</body></html>"
     )
 
 
@@ -482,6 +485,20 @@ def _load(config: TuneloopConfig, report_html: str | Path, result_json: str | Pa
         raise
 
 
+def _pii_checks(pii: dict, config: TuneloopConfig) -> list[Check]:
+    """The expectation ``privacy.max_pii_row_share`` (only when set): counts only, never a text."""
+    allowed = config.privacy.max_pii_row_share
+    if allowed is None:
+        return []
+    share, ok = pii["row_share"], pii["row_share"] <= allowed
+    failure = None if ok else (f"{_percent(share)} of rows contain personal data ({pii['rows_with_pii']} of "
+                               f"{pii['rows']}); privacy.max_pii_row_share allows {_percent(allowed)}")
+    per_type = {kind: counts["rows"] for kind, counts in pii["types"].items() if counts["rows"]}
+    return [Check("at most privacy.max_pii_row_share of rows contain personal data", "tuneloop_max_pii_row_share",
+                  config.data.text_column, ok, round(share, 6), [per_type] if per_type else [], failure,
+                  {"max_pii_row_share": allowed})]
+
+
 def _sources(config: TuneloopConfig) -> dict:
     return {"texts": str(config.data.texts), "labels": str(config.data.labels), "great_expectations": _gx_version()}
 
@@ -498,9 +515,11 @@ def run(config: TuneloopConfig, report_html: str | Path, result_json: str | Path
     counts, fingerprint = class_counts(frame, config), fingerprint_frame(frame)
     _log(f"{len(frame)} labelled rows, per class {counts}; running the Great Expectations suite")
     checks = validate_frame(frame, config)
+    pii = pii_summary(frame[config.data.text_column], config.privacy)
+    checks.extend(_pii_checks(pii, config))
     failures = [check.failure or check.reason for check in checks if not check.success]
     result = {"success": not failures, "rows": len(frame), "class_counts": counts, "fingerprint": fingerprint,
-              "expectations": [asdict(check) for check in checks], **_sources(config)}
+              "expectations": [asdict(check) for check in checks], "pii": pii, **_sources(config)}
     _write_outputs(result, report_html, result_json)
     _log(f"{len(checks) - len(failures)} of {len(checks)} expectations passed; report {report_html}")
     if failures:
