@@ -324,6 +324,36 @@ def tune(config_path, trials, dataset) -> None:
         click.echo(f"recorded in the registry as run {summary.registry_run_id}")
 
 
+@cli.command()
+@config_option
+@click.option("--ids", "ids_file", type=click.Path(dir_okay=False), default=None,
+              help="File with one id per line: entity ids of the data, or request ids of the prediction log.")
+@click.option("--texts", "texts_file", type=click.Path(dir_okay=False), default=None,
+              help="File with one text per line to erase wherever it appears.")
+def forget(config_path, ids_file, texts_file) -> None:
+    """Erase ids or texts: new sources without them, prediction log records deleted, registry versions
+    trained on them tagged, the next training run excludes them; audited with hashed ids.
+
+    Exit codes: 0 every id erased (or erased before), 13 some ids matched nothing (listed per id).
+    """
+    from tuneloop import erasure
+    from tuneloop.config import load_config
+
+    if bool(ids_file) == bool(texts_file):
+        raise click.UsageError("give exactly one of --ids FILE or --texts FILE")
+    config = load_config(config_path)
+    if ids_file:
+        report = erasure.forget(config, ids=erasure.read_subjects(ids_file, what="ids"))
+    else:
+        report = erasure.forget(config, texts=erasure.read_subjects(texts_file, what="texts"))
+    for line in report.lines():
+        click.echo(line)
+    if report.exit_code:
+        click.echo(f"error: {len(report.unmatched)} of {len(report.outcomes)} given ids matched nothing: "
+                   + ", ".join(report.unmatched[:20]), err=True)
+        sys.exit(report.exit_code)
+
+
 def main() -> None:
     """Entry point: run the CLI, turning tuneloop errors into one line and an exit code."""
     try:

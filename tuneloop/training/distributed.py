@@ -78,7 +78,7 @@ def _worker_error(error_file: Path, returncode: int) -> Exception:
         recorded = json.loads(error_file.read_text(encoding="utf-8"))
         kind = getattr(errors, recorded["type"], TrainingError)
         if isinstance(kind, type) and issubclass(kind, errors.TuneloopError):
-            return kind(recorded["message"], stage="training")
+            return kind(recorded["message"], stage=recorded.get("stage"), field=recorded.get("field"))
     return TrainingError(f"torchrun exited with code {returncode} before any rank reported an error",
                          stage="training")
 
@@ -88,8 +88,11 @@ def record_worker_error(error: Exception) -> None:
     path = os.environ.get(ERROR_FILE_ENV)
     if not path or Path(path).exists():
         return
-    name = type(error).__name__ if isinstance(error, errors.TuneloopError) else "TrainingError"
-    Path(path).write_text(json.dumps({"type": name, "message": str(error)}), encoding="utf-8")
+    if isinstance(error, errors.TuneloopError):
+        recorded = {"type": type(error).__name__, "message": error.message, "stage": error.stage, "field": error.field}
+    else:
+        recorded = {"type": "TrainingError", "message": str(error), "stage": "training"}
+    Path(path).write_text(json.dumps(recorded), encoding="utf-8")
 
 
 def _cores() -> int:

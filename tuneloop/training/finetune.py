@@ -94,6 +94,7 @@ def run(
     pipeline_run: str = "",
     task: str = "finetune",
     on_step: Callable[[int], None] | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> TrainingSummary:
     """Fine-tune the base model on the train split and write the Model directory.
@@ -108,6 +109,8 @@ def run(
         data_fingerprint: the validated data's fingerprint, recorded for lineage and checkpoints.
         pipeline_run, task: the checkpoint key; empty ``pipeline_run`` means no checkpoints.
         on_step: called with the global step after each optimizer step (progress hooks, tests).
+        on_epoch: called with each epoch's history entry after validation (search pruning); it
+            may raise to stop training (one process only).
         log: where progress lines go (default: stdout, flushed).
 
     Raises:
@@ -124,10 +127,11 @@ def run(
                            pipeline_run=pipeline_run, task=task)
         return TrainingSummary.from_model_dir(output_dir)
     return _train_here(config, settings, dataset_path, output_dir, data_fingerprint, pipeline_run, task, on_step,
-                       log or _print)
+                       on_epoch, log or _print)
 
 
-def _train_here(config, settings, dataset_path, output_dir, data_fingerprint, pipeline_run, task, on_step, log):
+def _train_here(config, settings, dataset_path, output_dir, data_fingerprint, pipeline_run, task, on_step,
+                on_epoch, log):
     checkpoint = resolve_base_model(settings.base_model)
     classes = config.data.classes
     train = _limit_rows(load_split(dataset_path, "train"), settings.max_train_rows, settings.seed)
@@ -156,7 +160,7 @@ def _train_here(config, settings, dataset_path, output_dir, data_fingerprint, pi
     started = time.monotonic()
     result = train_model(model, tokenizer, train_split, validation_split, classes, settings, store=store,
                          run_identity=identity(settings, classes, len(train), data_fingerprint), on_step=on_step,
-                         log=log)
+                         on_epoch=on_epoch, log=log)
     seconds = time.monotonic() - started
     state = result.state
     best = next(h for h in state.history if h["epoch"] == state.best_epoch)

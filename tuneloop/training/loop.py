@@ -96,7 +96,8 @@ def class_weight_vector(mode: str, labels: np.ndarray, classes: int) -> torch.Te
 
 def train_model(model, tokenizer, train: EncodedSplit, validation: EncodedSplit, classes: list[str],
                 settings: TrainingConfig, *, store: CheckpointStore | None, run_identity: dict,
-                on_step: Callable[[int], None] | None = None, log=print) -> LoopResult:
+                on_step: Callable[[int], None] | None = None, on_epoch: Callable[[dict], None] | None = None,
+                log=print) -> LoopResult:
     """Train ``model`` (in place) and return the loop state and the best epoch's weights."""
     from accelerate import Accelerator
 
@@ -159,6 +160,8 @@ def train_model(model, tokenizer, train: EncodedSplit, validation: EncodedSplit,
                     )
             best = _end_epoch(accelerator, model, validation, evaluate_collate, classes, settings, state, best, log)
             checkpoint_uri = _checkpoint(store, accelerator, model, optimizer, scheduler, state, best, run_identity)
+            if on_epoch is not None:
+                on_epoch(state.history[-1])
     return LoopResult(state, best, precision, world, checkpoint_uri)
 
 
