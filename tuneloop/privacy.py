@@ -452,3 +452,16 @@ def request_masker(record: Mapping | None) -> Callable[[str], str] | None:
     settings = PrivacyConfig(pii_types=record["pii_types"], phone_regions=record["phone_regions"],
                              ner_model=record.get("ner_model"))
     return scanner(settings).mask
+
+
+def serving_masker(model_dir, privacy: "PrivacyConfig") -> Callable[[str], str] | None:
+    """The mask serving applies to requests of the model in ``model_dir`` before predicting: the one its
+    training frame used (``tuneloop.json`` :data:`TEXT_PRIVACY_KEY`; a model without that record is
+    taken as trained under the config's ``privacy.training``), or None when it was trained on raw text."""
+    from pathlib import Path
+
+    from tuneloop.artifacts import METADATA_FILE, read_metadata
+
+    metadata = read_metadata(model_dir) if (Path(model_dir) / METADATA_FILE).is_file() else {}
+    record = metadata.get(TEXT_PRIVACY_KEY)
+    return request_masker(record if record is not None else text_privacy_record(privacy))

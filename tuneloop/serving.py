@@ -42,6 +42,7 @@ from tuneloop.config import TuneloopConfig, load_config, resolve_config_paths
 from tuneloop import prediction_log
 from tuneloop.errors import ModelError, RegistryError, ServiceUnavailableError, TuneloopError
 from tuneloop.prediction_log import PROBABILITY_PREFIX, PredictionLog, PredictionNotFound
+from tuneloop.privacy import serving_masker
 
 logger = logging.getLogger("tuneloop.serving")
 
@@ -555,6 +556,7 @@ class ServingRuntime:
         else:
             resolved, directory = fetch_model(config, version)
         self.model = load_model(directory, resolved)
+        self.request_mask = serving_masker(self.model.directory, config.privacy)
         self.limits = RequestLimits.from_config(config)
         self.policy = RequestPolicy(limits=self.limits, api_key=api_key or None)
         self._predictions_counter, self._feedback_counter, dropped = _metrics()
@@ -590,7 +592,9 @@ class ServingRuntime:
         texts = [str(text) for text in texts]
         if not texts:
             return []
-        probabilities = self.model.classifier.predict_proba(texts, batch_size=INFERENCE_BATCH_SIZE)
+        # A model trained on masked text sees requests masked by the same function (no train/serve skew).
+        inputs = texts if self.request_mask is None else [self.request_mask(text) for text in texts]
+        probabilities = self.model.classifier.predict_proba(inputs, batch_size=INFERENCE_BATCH_SIZE)
         labels = self.labels
         version = self.model.version
         timestamp = datetime.now(timezone.utc)

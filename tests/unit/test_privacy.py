@@ -193,3 +193,119 @@ def test_max_pii_row_share_fails_validation_naming_the_share(tmp_path):
     config = make_config(tmp_path, privacy={"max_pii_row_share": 0.05, "pii_types": ["email"]})
     summary = validation.run(config, tmp_path / "out" / "report.html", tmp_path / "out" / "result.json")
     assert summary.success and summary.expectations == 9
+
+
+# --------------------------------------------------------------------------------------------
+# The prediction log and serving
+
+PLANTED = [
+    "call me on +44 7911 123456 or (415) 555-2671 tonight",
+    "my mail is Jane.Roe+sms@example.org, card 4111 1111 1111 1111",
+    "pay 5500-0055-5555-5559 to DE89370400440532013000 from 203.0.113.9",
+    "nothing personal here",
+]
+SECRETS = ["7911 123456", "7911123456", "555-2671", "5552671", "Jane.Roe", "jane.roe", "example.org",
+           "4111 1111 1111 1111", "4111111111111111", "5500-0055-5555-5559", "5500005555555559",
+           "DE89370400440532013000", "203.0.113.9"]
+
+
+@pytest.fixture(scope="module")
+def compressed_dir(tiny_checkpoint, tmp_path_factory):
+    import shutil
+
+    from tests.conftest import export_compressed_fp32
+    from tuneloop.artifacts import write_metadata
+
+    root = tmp_path_factory.mktemp("privacy-model")
+    model_dir = root / "model"
+    shutil.copytree(tiny_checkpoint, model_dir)
+    write_metadata(model_dir, {"kind": "model", "labels": ["ham", "spam"], "max_length": 32})
+    return export_compressed_fp32(model_dir, root / "compressed")
+
+
+def _serve_and_flush(config, compressed_dir, texts):
+    from tuneloop.serving import ServingRuntime
+
+    runtime = ServingRuntime(config, version="1", model_dir=compressed_dir)
+    try:
+        answers = runtime.predict(texts)
+        assert runtime.flush()
+    finally:
+        runtime.close()
+    return runtime, answers
+
+
+def _log_bytes(uri) -> bytes:
+    from pathlib import Path
+
+    files = sorted(Path(uri).rglob("*.parquet"))
+    assert files, f"no Parquet file under {uri}"
+    return b"".join(path.read_bytes() for path in files)
+
+
+def test_default_mode_never_writes_planted_pii_to_the_log_bytes(tmp_path, compressed_dir, monkeypatch):
+    from tuneloop.prediction_log import LOG_URI_ENV, prediction_log_uri, read_predictions
+
+    monkeypatch.delenv(LOG_URI_ENV, raising=False)
+    config = make_config(tmp_path)
+    assert config.privacy.prediction_log == "mask"
+    runtime, answers = _serve_and_flush(config, compressed_dir, PLANTED)
+    uri = prediction_log_uri(config)
+    raw = _log_bytes(uri)
+    for secret in SECRETS:
+        assert secret.encode() not in raw, secret
+    logged = read_predictions(uri).sort_values("timestamp", kind="stable").reset_index(drop=True)
+    assert logged["text"].tolist() == [
+        "call me on <PHONE> or <PHONE> tonight", "my mail is <EMAIL>, card <CARD>", "pay <CARD> to <IBAN> from <IP>",
+        "nothing personal here"]
+    # statistics come from the served text, before masking
+    assert logged.loc[0, "char_count"] == len(PLANTED[0]) and logged.loc[0, "has_phone_number"] == 1
+
+
+def test_pseudonymise_and_drop_text_modes(tmp_path, compressed_dir, monkeypatch):
+    from tuneloop.prediction_log import LOG_URI_ENV, prediction_log_uri, read_predictions
+
+    monkeypatch.delenv(LOG_URI_ENV, raising=False)
+    monkeypatch.setenv("TEST_PSEUDONYM_KEY", "k1")
+    config = make_config(tmp_path / "p", privacy={"prediction_log": "pseudonymise",
+                                                  "pseudonym_key_env": "TEST_PSEUDONYM_KEY"})
+    _serve_and_flush(config, compressed_dir, ["ring +1 415 555 2671", "ring (415) 555-2671"])
+    texts = read_predictions(prediction_log_uri(config))["text"].tolist()
+    assert len(set(texts)) == 1 and texts[0].startswith("ring <PHONE_") and "2671" not in texts[0]
+
+    config = make_config(tmp_path / "d", privacy={"prediction_log": "drop_text"})
+    _serve_and_flush(config, compressed_dir, PLANTED[:2])
+    logged = read_predictions(prediction_log_uri(config))
+    assert logged["text"].isna().all() and (logged["char_count"] > 0).all()
+    for secret in SECRETS:
+        assert secret.encode() not in _log_bytes(prediction_log_uri(config))
+
+
+def test_serving_refuses_to_start_pseudonymising_without_the_key(tmp_path, compressed_dir, monkeypatch):
+    from tuneloop.serving import ServingRuntime
+
+    monkeypatch.delenv("TEST_PSEUDONYM_KEY", raising=False)
+    config = make_config(tmp_path, privacy={"prediction_log": "pseudonymise", "pseudonym_key_env": "TEST_PSEUDONYM_KEY"})
+    with pytest.raises(ConfigError, match="TEST_PSEUDONYM_KEY is not set"):
+        ServingRuntime(config, version="1", model_dir=compressed_dir)
+
+
+def test_a_model_trained_on_masked_text_gets_masked_requests(tmp_path, compressed_dir, monkeypatch):
+    import shutil
+
+    from tuneloop.artifacts import read_metadata, write_metadata
+    from tuneloop.prediction_log import LOG_URI_ENV
+
+    monkeypatch.delenv(LOG_URI_ENV, raising=False)
+    masked_model = tmp_path / "masked-model"
+    shutil.copytree(compressed_dir, masked_model)
+    metadata = read_metadata(masked_model)
+    metadata[privacy.TEXT_PRIVACY_KEY] = privacy.text_privacy_record(PrivacyConfig(training="mask"))
+    write_metadata(masked_model, metadata)
+    config = make_config(tmp_path)
+    runtime, answers = _serve_and_flush(config, masked_model, [PLANTED[0]])
+    assert runtime.request_mask is not None
+    expected = runtime.model.classifier.predict_proba([privacy.scanner(PrivacyConfig()).mask(PLANTED[0])])[0]
+    assert answers[0].probabilities["spam"] == pytest.approx(float(expected[1]), abs=1e-6)
+    plain, _ = _serve_and_flush(make_config(tmp_path / "plain"), compressed_dir, ["x"])
+    assert plain.request_mask is None

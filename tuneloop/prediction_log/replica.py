@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import math
 import threading
 from collections import OrderedDict
@@ -21,6 +22,7 @@ from tuneloop.prediction_log.layout import (
     REQUEST_ID,
     REQUEST_ID_FORMAT,
     SERVED_AT,
+    TEXT,
     TIMESTAMP,
     _utc,
     check_store,
@@ -37,12 +39,24 @@ if TYPE_CHECKING:
     from tuneloop.config import TuneloopConfig
 
 
+def _with_private_text(policy: Callable[[str], str | None], records: list[dict[str, Any]]):
+    """The log's frame with the text as ``privacy.prediction_log`` stores it (:mod:`tuneloop.privacy`);
+    the text statistics are computed from the served text first, so drift monitoring still sees them."""
+    import pandas as pd
+
+    frame = with_text_features(records)
+    frame[TEXT] = pd.Series([policy(str(text)) for text in frame[TEXT]], dtype="string")
+    return frame
+
+
 class PredictionLog:
     """The prediction log of one serving process: its two writers, its recent ids, and lookups.
 
     Args:
         uri: the log URI; checked at once (:func:`check_store`).
         on_drop: called with the number of records dropped.
+        text_policy: what is written of each served text (:func:`tuneloop.privacy.log_text_policy`: masked,
+            pseudonymised or None), applied after the text statistics; None writes texts as served.
 
     Raises:
         ServiceUnavailableError: the object store does not answer at start.
@@ -51,14 +65,15 @@ class PredictionLog:
 
     def __init__(self, uri: str, *, flush_records: int = 1000, flush_seconds: float = 5.0,
                  max_buffered: int = 100_000, on_drop: Callable[[int], None] | None = None,
-                 writer_id: str | None = None) -> None:
+                 writer_id: str | None = None, text_policy: Callable[[str], str | None] | None = None) -> None:
         check_store(uri)
         self.uri = uri
         self.writer_id = writer_id or new_writer_id()
         self.flush_seconds = float(flush_seconds)
         options = dict(writer_id=self.writer_id, flush_records=flush_records, flush_seconds=flush_seconds,
                        max_buffered=max_buffered, on_drop=on_drop)
-        self.predictions = LogWriter(uri, PREDICTIONS, transform=with_text_features, **options)
+        transform = with_text_features if text_policy is None else functools.partial(_with_private_text, text_policy)
+        self.predictions = LogWriter(uri, PREDICTIONS, transform=transform, **options)
         self.feedback = LogWriter(uri, FEEDBACK, **options)
         self._recent: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._recent_lock = threading.Lock()
@@ -67,10 +82,12 @@ class PredictionLog:
     def from_config(cls, config: "TuneloopConfig", *, on_drop: Callable[[int], None] | None = None,
                     environ: Mapping[str, str] | None = None) -> "PredictionLog":
         """The log of ``deployment``: its URI and flush settings."""
+        from tuneloop.privacy import log_text_policy
+
         deployment = config.deployment
         return cls(prediction_log_uri(config, environ), flush_records=deployment.log_flush_records,
                    flush_seconds=deployment.log_flush_seconds, max_buffered=deployment.log_max_buffered,
-                   on_drop=on_drop)
+                   on_drop=on_drop, text_policy=log_text_policy(config.privacy, environ))
 
     @property
     def alive(self) -> bool:
