@@ -353,3 +353,17 @@ def test_an_s3_outage_loses_no_prediction_and_reads_fail_as_retryable(tmp_path, 
     finally:
         server.stop()
         s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_a_cluster_refuses_a_pod_local_log(tmp_path, monkeypatch):
+    from tests.conftest import make_config
+
+    monkeypatch.delenv(pl.LOG_URI_ENV, raising=False)
+    config = make_config(tmp_path, world="cluster")
+    with pytest.raises(ConfigError, match=r"deployment.prediction_log_uri: '.*/state/predictions' is pod-local"):
+        pl.prediction_log_uri(config)
+    config.deployment.prediction_log_uri = "s3://tuneloop/log/"
+    assert pl.prediction_log_uri(config) == "s3://tuneloop/log"
+    monkeypatch.setenv(pl.LOG_URI_ENV, str(tmp_path / "volume"))
+    with pytest.raises(ConfigError, match="is pod-local"):
+        pl.prediction_log_uri(config)

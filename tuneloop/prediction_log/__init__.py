@@ -64,6 +64,7 @@ from tuneloop.prediction_log.layout import (
     partition_path,
     prediction_log_uri,
     request_id_time,
+    require_shared,
     safe_uri,
     unreachable,
     with_text_features,
@@ -87,6 +88,6 @@ __all__ = [
     "SERVED_AT", "SERVICE", "STAGE", "TEXT", "TIMESTAMP", "LogRead", "LogWriter", "PredictionLog",
     "PredictionNotFound", "append", "check_store", "file_name", "filesystem", "find_prediction", "new_request_id",
     "new_writer_id", "partition_of", "partition_path", "prediction_log_uri", "read_feedback", "read_log",
-    "read_predictions", "request_id_time", "safe_uri", "unreachable", "with_text_features",
+    "read_predictions", "request_id_time", "require_shared", "safe_uri", "unreachable", "with_text_features",
     "write_table_atomically",
 ]

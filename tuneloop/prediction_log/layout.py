@@ -62,13 +62,32 @@ CLOCK_SKEW_S = 300.0
 
 def prediction_log_uri(config: "TuneloopConfig", environ: Mapping[str, str] | None = None) -> str:
     """The log URI: ``$TUNELOOP_PREDICTION_LOG_DIR``, else ``deployment.prediction_log_uri``, else
-    ``<state_dir>/predictions`` (a relative local path is taken against the working directory)."""
+    ``<state_dir>/predictions`` (a relative local path is taken against the working directory).
+
+    Raises:
+        ConfigError: ``world: cluster`` with a log only this pod would see (:func:`require_shared`).
+    """
     environ = os.environ if environ is None else environ
     uri = (environ.get(LOG_URI_ENV) or "").strip() or config.deployment.prediction_log_uri \
         or str(Path(config.state_dir) / "predictions")
     if "://" not in uri:
         uri = str(Path(uri).resolve())
-    return uri.rstrip("/")
+    uri = uri.rstrip("/")
+    require_shared(config, uri)
+    return uri
+
+
+def require_shared(config: "TuneloopConfig", uri: str) -> None:
+    """In a cluster, refuse a log that only this pod would see: every replica and the monitor must
+    share it through an object store.
+
+    Raises:
+        ConfigError: ``world: cluster`` with a log URI that is not an object-store URI.
+    """
+    if config.world == "cluster" and not is_object_store_uri(uri):
+        raise ConfigError(f"deployment.prediction_log_uri: {safe_uri(uri)!r} is pod-local; in a cluster every "
+                          f"serving replica and the monitor must share the log: use an object-store URI "
+                          f"(s3://bucket/prefix)", stage=STAGE, field="deployment.prediction_log_uri")
 
 
 def safe_uri(uri: str) -> str:
