@@ -367,3 +367,13 @@ def test_a_cluster_refuses_a_pod_local_log(tmp_path, monkeypatch):
     monkeypatch.setenv(pl.LOG_URI_ENV, str(tmp_path / "volume"))
     with pytest.raises(ConfigError, match="is pod-local"):
         pl.prediction_log_uri(config)
+
+
+def test_a_record_without_its_partition_time_is_refused_at_once(tmp_path):
+    writer = pl.LogWriter(str(tmp_path), pl.FEEDBACK, flush_seconds=0.05)
+    try:
+        with pytest.raises(ValueError, match="needs 'served_at' as a datetime"):
+            writer.write([{"request_id": "x", "timestamp": NOW, "served_at": "yesterday"}])
+        assert writer.alive and writer.pending == 0
+    finally:
+        writer.close()

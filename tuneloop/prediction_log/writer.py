@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import datetime as dt
 import itertools
 import logging
 import queue
@@ -114,9 +115,16 @@ class LogWriter:
         return self._pending
 
     def write(self, records: list[dict[str, Any]]) -> bool:
-        """Queue records; False (and counted as dropped) when the buffer is full or the writer closed."""
+        """Queue records; False (and counted as dropped) when the buffer is full or the writer closed.
+
+        Raises:
+            ValueError: a record without its partition time (a datetime), which no file could hold.
+        """
         if not records:
             return True
+        column = PARTITION_TIME[self.kind]
+        if not all(isinstance(record.get(column), dt.datetime) for record in records):
+            raise ValueError(f"every {self.kind} record needs {column!r} as a datetime (its partition time)")
         with self._lock:
             if self._closed or self._pending + len(records) > self.max_buffered:
                 self.dropped += len(records)
