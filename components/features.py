@@ -17,7 +17,10 @@ def retrieve_features(
 
     Adds the shared text-statistics features and a train/validation/test split from a stable hash
     of the entity key, and writes the Dataset as one Parquet file. Fails when no label joins a
-    text or a split is empty.
+    text or a split is empty. In a cluster it only reads the Feast registry, set up beforehand by
+    `tuneloop features apply`, and fails with one line naming that command when the registry lacks
+    the definitions; an unreachable Postgres or object store raises ServiceUnavailableError, which
+    KFP retries (the step writes nothing but its own Dataset, so a retry is safe).
     """
     from collections import namedtuple
 

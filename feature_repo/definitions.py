@@ -1,10 +1,14 @@
-"""tuneloop's Feast definitions, for the Feast CLI (`feast -c feature_repo plan|apply`).
+"""tuneloop's Feast definitions, for the Feast CLI (`feast -c feature_repo plan`, `feature-services list`).
 
 The objects come from :func:`tuneloop.features.build_definitions`, the same function the pipeline's
-``retrieve_features`` stage uses, so the CLI and the pipeline cannot disagree. The config is read
-from ``$TUNELOOP_CONFIG`` (default ``../examples/sms_spam/tuneloop.yaml``, relative to this
-folder); a relative ``state_dir`` in it resolves against the project root (this folder's parent),
-matching the registry paths in ``feature_store.yaml``.
+``retrieve_features`` stage and ``tuneloop features apply`` use, so the CLI and the pipeline cannot
+disagree. Importing this file writes nothing: the texts source is ``data.texts`` when it is a ready
+Parquet file, else the copy that ``tuneloop features apply`` prepares under ``features.offline_uri``.
+
+The config is read from ``$TUNELOOP_CONFIG`` (default ``../examples/sms_spam/tuneloop.yaml``,
+relative to this folder); in the local world a relative ``state_dir`` resolves against the project
+root (this folder's parent), matching the registry paths in ``feature_store.yaml``. The cluster
+flavour (``cluster/``) loads this same file.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ def _config_path() -> Path:
 def _load():
     path = _config_path()
     config = load_config(path, resolve_paths=False)
-    if not Path(config.state_dir).is_absolute():
+    if config.world == "local" and not Path(config.state_dir).is_absolute():
         config.state_dir = PROJECT_ROOT / config.state_dir
     return resolve_config_paths(config, base_dir=path.parent)
 

@@ -7,6 +7,7 @@ with only the config (no shared local disk), and gets the same frame as the loca
 from __future__ import annotations
 
 import itertools
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -154,3 +155,29 @@ def test_online_reads_in_a_cluster_never_materialise_themselves(cluster):
     _apply(cluster("setup"))
     with pytest.raises(ConfigError, match="tuneloop features materialize"):
         features.online_features(load_config(cluster("serving-pod")), ["m00001"])
+
+
+def test_feast_cli_on_the_cluster_flavour_sees_what_features_apply_registered(cluster, tmp_path, monkeypatch):
+    import shutil
+
+    config_file = cluster("setup")
+    _apply(config_file)
+    repo = tmp_path / "project" / "feature_repo"
+    shutil.copytree(Path(__file__).resolve().parents[2] / "feature_repo", repo,
+                    ignore=shutil.ignore_patterns("__pycache__", "README.md"))
+    store_yaml = repo / "cluster" / "feature_store.yaml"
+    project = load_config(config_file).features.project
+    store_yaml.write_text(store_yaml.read_text().replace("project: tuneloop", f"project: {project}"))
+    redis = features.store.redis_connection(load_config(config_file))
+    env = {**os.environ, "TUNELOOP_CONFIG": str(config_file),
+           "FEAST_REGISTRY_URL": os.environ[REGISTRY_ENV], "FEAST_REDIS_CONNECTION": redis}
+    feast = Path(sys.executable).parent / "feast"
+
+    plan = subprocess.run([str(feast), "plan"], cwd=repo / "cluster", env=env, capture_output=True, text=True,
+                          timeout=300)
+    listed = subprocess.run([str(feast), "feature-services", "list"], cwd=repo / "cluster", env=env,
+                            capture_output=True, text=True, timeout=300)
+
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    assert "No changes to registry" in plan.stdout, plan.stdout[-3000:]
+    assert listed.returncode == 0 and "sms_spam" in listed.stdout, listed.stderr[-2000:]
