@@ -57,6 +57,8 @@ def build_pipeline(kubeflow: KubeflowConfig | None = None):
                 base_model=base_model,
                 epochs=epochs,
                 learning_rate=learning_rate,
+                pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,  # checkpoint key: a retry resumes
+                task_name=dsl.PIPELINE_TASK_NAME_PLACEHOLDER,
             )
             compressed = compress(
                 config_json=config_json, model=trained.outputs["model"], dataset=features.outputs["dataset"]

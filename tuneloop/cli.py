@@ -93,8 +93,11 @@ def _connect(host, namespace, token_file):
 @click.option("--base-model", default="", help="Override training.base_model for this run.")
 @click.option("--epochs", default=0, type=click.IntRange(min=0), help="Override training.epochs (0: config).")
 @click.option("--learning-rate", default=0.0, type=click.FloatRange(min=0.0), help="Override training.learning_rate.")
+@click.option("--resume", "resume_run", default=None, metavar="RUN",
+              help="(--local) Re-run local run RUN: reuse its finished steps (fingerprints verified), resume "
+                   "finetune from its checkpoint.")
 def run(local_run, host, config_path, pipeline, pipeline_name, experiment, params, namespace, token_file,
-        base_model, epochs, learning_rate) -> None:
+        base_model, epochs, learning_rate, resume_run) -> None:
     """Run the training pipeline: locally (--local) or on Kubeflow (--host), and say what happened."""
     from tuneloop import registry
     from tuneloop.config import load_config
@@ -103,6 +106,8 @@ def run(local_run, host, config_path, pipeline, pipeline_name, experiment, param
 
     if local_run == bool(host):
         raise click.UsageError("pass exactly one of --local (this machine) or --host URL (Kubeflow)")
+    if resume_run and not local_run:
+        raise click.UsageError("--resume RUN re-runs a local run: use it with --local")
     if host:
         from tuneloop import kubeflow
 
@@ -112,8 +117,11 @@ def run(local_run, host, config_path, pipeline, pipeline_name, experiment, param
         click.echo(f"started run {run_id} of the latest version of {pipeline_name} on {host}")
         return
     config = load_config(config_path)
-    finished = run_local(config, pipeline, base_model=base_model, epochs=epochs, learning_rate=learning_rate)
+    finished = run_local(config, pipeline, base_model=base_model, epochs=epochs, learning_rate=learning_rate,
+                         resume=resume_run)
     click.echo(summarize(finished, registry.list_versions(config)))
+    for line in finished.resume_lines:
+        click.echo(line)
 
 
 @cli.command(name="compile")

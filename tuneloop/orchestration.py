@@ -19,7 +19,7 @@ import re
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tuneloop.config import KubeflowConfig, SecretEnvConfig, TuneloopConfig, resolve_base_model
@@ -194,6 +194,7 @@ class LocalRun:
     name: str
     root: Path
     seconds: float
+    resume_lines: list[str] = field(default_factory=list)
 
     def task_output(self, task: str, output: str) -> Path:
         """Where a task's output artifact was written."""
@@ -207,14 +208,19 @@ def run_local(
     base_model: str = "",
     epochs: int = 0,
     learning_rate: float = 0.0,
+    resume: str | None = None,
 ) -> LocalRun:
     """Run a pipeline (the shipped ``training`` by default, or a pipeline file) through ``kfp.local``
-    in this interpreter.
+    in this interpreter. ``resume`` names an earlier local run whose finished steps are reused
+    (see :mod:`tuneloop.local_resume`).
 
     Raises:
-        PipelineError: a task failed; the message carries the task's own tuneloop error.
+        PipelineError: a task failed (the message carries the task's own tuneloop error), or
+            ``resume`` names no local run.
     """
     from kfp import local
+
+    from tuneloop.local_resume import steps_recorded
 
     pipeline = load_pipeline(pipeline)
     preflight(config, base_model)
@@ -224,7 +230,8 @@ def run_local(
     started = time.monotonic()
     log = _Tee(sys.stdout)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(log):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(log), \
+                steps_recorded(pipeline_root, resume) as resumed:
             warnings.filterwarnings("ignore", message=".*non-Python base image.*")
             warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
             pipeline(config_json=config.to_json(), base_model=base_model, epochs=epochs, learning_rate=learning_rate)
@@ -233,7 +240,7 @@ def run_local(
     run_dirs = sorted(set(pipeline_root.glob("*")) - before, key=lambda p: p.stat().st_mtime)
     if not run_dirs:
         raise PipelineError(f"the local run wrote no outputs under {pipeline_root}", path=str(pipeline_root))
-    return LocalRun(run_dirs[-1].name, run_dirs[-1], time.monotonic() - started)
+    return LocalRun(run_dirs[-1].name, run_dirs[-1], time.monotonic() - started, resumed.lines(run_dirs[-1]))
 
 
 def _failure_message(log: str, error: Exception) -> str:

@@ -304,6 +304,10 @@ def _print(line: str) -> None:
 def finetune_step(config: TuneloopConfig, dataset_path: str | Path, output_dir: str | Path, **options) -> TrainingSummary:
     """What the ``finetune`` component runs: train here (``training.backend: pod``) or launch,
     wait for and read back a Kubeflow Trainer ``TrainJob`` (``trainjob``). Options as in :func:`run`."""
+    from tuneloop.local_resume import CHECKPOINT_RUN_ENV
+
+    # A resumed local run keeps the checkpoints of the run it resumes.
+    options["pipeline_run"] = os.environ.get(CHECKPOINT_RUN_ENV) or options.get("pipeline_run", "")
     if config.training.backend == "trainjob":
         from tuneloop.training import trainjob
 
