@@ -9,18 +9,14 @@ carry the pipeline run's name (tag ``tuneloop.pipeline_run``), and ``register`` 
 what an earlier attempt of the same pipeline run left (a run, finished or not; a version, with or
 without its aliases) and completes it instead of creating another.
 
-Every registry call goes through :func:`call`: an outage (connection refused, timeout, 429, 5xx)
-is retried a few times with exponential backoff (``registry.retry_attempts``/``retry_wait_s``),
-then raises :class:`~tuneloop.errors.ServiceUnavailableError` so KFP retries the step; an answer
-(4xx, not found, refused) is never retried. MLflow's own HTTP retries are therefore off by default
-(``MLFLOW_HTTP_REQUEST_MAX_RETRIES=0`` unless set in the environment), so the two never multiply.
+Every registry call goes through :func:`tuneloop.mlflow_calls.call` (re-exported here): an outage
+is retried briefly, then raises :class:`~tuneloop.errors.ServiceUnavailableError` so KFP retries
+the step; an answer (4xx, not found, refused) is never retried.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +25,12 @@ from typing import Any, Callable, TypeVar
 from tuneloop.artifacts import read_metadata
 from tuneloop.config import TuneloopConfig
 from tuneloop.errors import RegistryError, ServiceUnavailableError, TuneloopError
+from tuneloop.mlflow_calls import as_outage, call, client, first_line, is_remote, outage_service, scrub
+from tuneloop.mlflow_calls import safe_uri as _safe_uri
+
+__all__ = ["CHALLENGER", "CHAMPION", "TAG_PREFIX", "ChampionModel", "Registration", "register", "download_champion",
+           "download_artifact", "alias_version", "list_versions", "client", "call", "as_outage", "outage_service",
+           "is_remote", "scrub"]
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"
@@ -38,10 +40,6 @@ DATASET_ARTIFACT = "data/dataset.parquet"
 """Where the training frame lives inside the MLflow run's artifacts (the drift reference)."""
 
 _PIPELINE_RUN_NAME = re.compile(r"[A-Za-z0-9_.:@/+-]{1,250}")
-_OUTAGE_ERROR_CODES = {"TEMPORARILY_UNAVAILABLE", "DEADLINE_EXCEEDED", "REQUEST_LIMIT_EXCEEDED",
-                       "RESOURCE_EXHAUSTED"}
-_S3_OUTAGE_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling",
-                    "RequestTimeTooSkewed"}
 T = TypeVar("T")
 
 
@@ -61,155 +59,6 @@ class Registration:
     version: str
     aliases: list[str]
     run_id: str
-
-
-def client(config: TuneloopConfig):
-    """An ``MlflowClient`` for the configured registry (the SQLite file's folder is created)."""
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # retries are ours: see call()
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, round(config.registry.request_timeout_s))))
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-    from mlflow.tracking import MlflowClient
-
-    uri = config.tracking_uri
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    return call(config, "connecting to the registry", MlflowClient, tracking_uri=uri, registry_uri=uri)
-
-
-# --- outages: retried here, then raised as ServiceUnavailableError ---------------------------------
-
-
-def outage_service(error: BaseException, *, remote: bool = True) -> str | None:
-    """The service an error shows to be unreachable (``mlflow``, ``object store``), or None when the
-    error is an answer (4xx, not found, bad input) that no retry would change.
-
-    Args:
-        error: what a registry or artifact call raised.
-        remote: whether the tracking store is a server; only then is MLflow's generic
-            ``INTERNAL_ERROR`` (what its HTTP client raises for refused connections) an outage.
-    """
-    if isinstance(error, ServiceUnavailableError):
-        return error.service
-    if isinstance(error, TuneloopError):
-        return None
-    cause = getattr(error, "last_exception", None)  # boto3's RetriesExceededError wraps the real one
-    if isinstance(cause, BaseException):
-        return outage_service(cause, remote=remote)
-    return _mlflow_outage(error, remote) or _object_store_outage(error) or _network_outage(error)
-
-
-def _mlflow_outage(error: BaseException, remote: bool) -> str | None:
-    try:
-        from mlflow.exceptions import MlflowException
-    except ImportError:  # pragma: no cover - mlflow is a dependency
-        return None
-    if not isinstance(error, MlflowException):
-        return None
-    code = str(error.error_code)
-    if code in _OUTAGE_ERROR_CODES or (remote and code == "INTERNAL_ERROR"):
-        return "mlflow"
-    return "mlflow" if remote and error.get_http_status_code() in (502, 503, 504) else None
-
-
-def _object_store_outage(error: BaseException) -> str | None:
-    try:
-        from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
-    except ImportError:
-        return None
-    if isinstance(error, (ConnectionError, HTTPClientError)):  # unreachable, closed, timed out
-        return "object store"
-    if isinstance(error, ClientError):
-        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
-        code = error.response.get("Error", {}).get("Code", "")
-        return "object store" if status >= 500 or status == 429 or code in _S3_OUTAGE_CODES else None
-    return None
-
-
-def _network_outage(error: BaseException) -> str | None:
-    import requests
-
-    if isinstance(error, requests.HTTPError):
-        status = error.response.status_code if error.response is not None else 0
-        return "mlflow" if status >= 500 or status == 429 else None
-    if isinstance(error, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)):
-        return "mlflow"
-    try:
-        from sqlalchemy.exc import DisconnectionError, OperationalError
-    except ImportError:
-        return None
-    return "mlflow" if isinstance(error, (OperationalError, DisconnectionError)) else None
-
-
-def _retry_after_s(error: BaseException | None) -> float:
-    """A server's ``Retry-After`` in seconds, where the error carries the response; else 0."""
-    headers: Any = None
-    response = getattr(error, "response", None)
-    if isinstance(response, dict):  # botocore ClientError
-        headers = response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
-    elif response is not None:  # requests.HTTPError
-        headers = getattr(response, "headers", None)
-    value = (headers or {}).get("Retry-After") or (headers or {}).get("retry-after")
-    try:
-        return max(0.0, float(value)) if value is not None else 0.0
-    except ValueError:
-        return 0.0
-
-
-def is_remote(config: TuneloopConfig) -> bool:
-    """Whether the tracking store is a server reached over the network."""
-    return config.tracking_uri.split(":", 1)[0] in ("http", "https", "databricks")
-
-
-def call(config: TuneloopConfig, action: str, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run one registry call, retrying outages briefly; the call must be safe to repeat.
-
-    Args:
-        config: ``registry.retry_attempts``, ``retry_wait_s`` and the tracking URI.
-        action: what the call does, for the error message ("reading the champion alias").
-        function: the call; answers (4xx, not found) propagate unchanged after the first try.
-
-    Raises:
-        ServiceUnavailableError: still an outage after the last try (service and URI named,
-            credentials removed).
-    """
-    from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
-
-    remote = is_remote(config)
-    backoff = wait_exponential(multiplier=config.registry.retry_wait_s, max=30.0)
-
-    def wait(state) -> float:
-        return min(60.0, max(backoff(state), _retry_after_s(state.outcome.exception())))
-
-    retrying = Retrying(
-        stop=stop_after_attempt(config.registry.retry_attempts),
-        wait=wait,
-        retry=retry_if_exception(lambda error: outage_service(error, remote=remote) is not None),
-        reraise=True,
-    )
-    try:
-        return retrying(function, *args, **kwargs)
-    except ServiceUnavailableError:
-        raise
-    except Exception as error:
-        outage = as_outage(config, error, f"{action} ({config.registry.retry_attempts} tries)")
-        if outage is None:
-            raise
-        raise outage from error
-
-
-def as_outage(config: TuneloopConfig, error: BaseException, action: str) -> ServiceUnavailableError | None:
-    """``error`` as the ServiceUnavailableError it shows (service and URI named, no credentials),
-    or None when it is an answer rather than an outage."""
-    if isinstance(error, ServiceUnavailableError):
-        return error
-    service = outage_service(error, remote=is_remote(config))
-    if service is None:
-        return None
-    where = _safe_uri(config) if service == "mlflow" else scrub(os.environ.get("AWS_ENDPOINT_URL", "the S3 endpoint"))
-    return ServiceUnavailableError(f"{service} unreachable at {where} while {action}: {scrub(_first_line(error))}",
-                                   service=service, uri=where, stage="registry")
 
 
 # --- register: find this pipeline run's earlier attempt, complete it, or start one ------------------
@@ -267,7 +116,7 @@ def register(
         raise
     except Exception as error:
         raise RegistryError(f"MLflow at {_safe_uri(config)} refused to register {name!r}: "
-                            f"{scrub(_first_line(error))}", stage="registry") from error
+                            f"{scrub(first_line(error))}", stage="registry") from error
     if not created:
         print(f"register: version {version} of {name} was created by an earlier attempt of {pipeline_run}; "
               f"completing it", flush=True)
@@ -289,7 +138,7 @@ def _set_aliases(mlflow, config: TuneloopConfig, version: str, aliases: tuple[st
         if isinstance(error, ServiceUnavailableError):
             raise
         raise RegistryError(f"could not set aliases {aliases} on version {version} of {name!r}: "
-                            f"{scrub(_first_line(error))}", stage="registry") from error
+                            f"{scrub(first_line(error))}", stage="registry") from error
 
 
 def _delete_version_quietly(mlflow, config: TuneloopConfig, version: str) -> None:
@@ -297,7 +146,7 @@ def _delete_version_quietly(mlflow, config: TuneloopConfig, version: str) -> Non
     try:
         mlflow.delete_model_version(config.registry.model_name, version)
     except Exception as error:  # the retry of this step finds the version by its run and completes it
-        print(f"register: could not delete the unfinished version {version} ({scrub(_first_line(error))}); "
+        print(f"register: could not delete the unfinished version {version} ({scrub(first_line(error))}); "
               f"a retry of this step completes it", flush=True)
 
 
@@ -356,7 +205,7 @@ def _log_run(mlflow, config, run, compressed_dir, dataset_path, metadata, decisi
         except TuneloopError:
             raise  # the run stays unfinished; the retry of this step completes it
         except Exception as error:
-            raise RegistryError(f"could not log the model run to MLflow ({action}): {scrub(_first_line(error))}",
+            raise RegistryError(f"could not log the model run to MLflow ({action}): {scrub(first_line(error))}",
                                 stage="registry") from error
 
 
@@ -510,7 +359,7 @@ def _answer(config: TuneloopConfig, action: str, function: Callable[..., T], *ar
     except TuneloopError:
         raise
     except Exception as error:
-        raise RegistryError(f"{action} at {_safe_uri(config)} failed: {scrub(_first_line(error))}",
+        raise RegistryError(f"{action} at {_safe_uri(config)} failed: {scrub(first_line(error))}",
                             stage="registry") from error
 
 
@@ -538,7 +387,7 @@ def _registered_model(config: TuneloopConfig):
         if str(error.error_code) == "RESOURCE_DOES_NOT_EXIST":
             return None
         raise RegistryError(f"the registry at {_safe_uri(config)} refused to read {name!r}: "
-                            f"{scrub(_first_line(error))}", stage="registry") from error
+                            f"{scrub(first_line(error))}", stage="registry") from error
 
 
 def list_versions(config: TuneloopConfig) -> list[dict]:
@@ -566,27 +415,7 @@ def _version_row(version, aliases: list[str]) -> dict:
         "data_fingerprint": tags.get(f"{TAG_PREFIX}data_fingerprint", ""),
         "pipeline_run": tags.get(PIPELINE_RUN_TAG, ""),
         "created": version.creation_timestamp,
+        "trained_on_erased_data": json.loads(tags.get(f"{TAG_PREFIX}trained_on_erased_data", "[]")),
     }
 
 
-# --- messages without credentials ------------------------------------------------------------------
-
-
-def _safe_uri(config: TuneloopConfig) -> str:
-    """The tracking URI without any credentials embedded in it."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(config.tracking_uri)
-    if not (parts.password or parts.username):
-        return config.tracking_uri  # urlunsplit would turn sqlite:///abs into sqlite://abs
-    return urlunsplit(parts._replace(netloc=(parts.hostname or "") + (f":{parts.port}" if parts.port else "")))
-
-
-def scrub(text: str) -> str:
-    """``text`` with any ``user:password@`` in URLs removed (error texts may quote a request URL)."""
-    return re.sub(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]+@", r"\1", str(text))
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0][:400]

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from tests.conftest import make_config
-from tuneloop import registry
+from tuneloop import mlflow_calls, registry
 from tuneloop.artifacts import write_metadata
 from tuneloop.errors import RegistryError, ServiceUnavailableError
 
@@ -275,8 +275,8 @@ def test_retry_after_of_a_throttling_answer_is_honoured():
 
     throttled = ClientError({"Error": {"Code": "SlowDown"}, "ResponseMetadata": {
         "HTTPStatusCode": 503, "HTTPHeaders": {"retry-after": "7"}}}, "PutObject")
-    assert registry._retry_after_s(throttled) == 7.0
-    assert registry._retry_after_s(ConnectionRefusedError()) == 0.0
+    assert mlflow_calls._retry_after_s(throttled) == 7.0
+    assert mlflow_calls._retry_after_s(ConnectionRefusedError()) == 0.0
 
 
 def _closed_port() -> int:
