@@ -258,6 +258,7 @@ def list_models(config_path, as_json) -> None:
             f"{row['version']:>7}  {', '.join(row['aliases']) or '-':<22} "
             f"{metrics.get('macro_f1', float('nan')):>13.4f}  {metrics.get('accuracy', float('nan')):>8.4f}  "
             f"{row['precision']}"
+            + ("  [trained on erased data]" if row.get("trained_on_erased_data") else "")
         )
 
 
