@@ -319,12 +319,13 @@ class CompressionConfig(StrictModel):
 
     ``quantize`` is the older switch, still accepted: ``int8_dynamic`` changes nothing (the
     ``variants`` list decides), ``none`` removes every int8 variant from ``variants``.
+
+    ``distilled_*`` and ``pruned_*`` variants start from a smaller student (``distillation``,
+    ``pruning``) that is exported and quantised like the teacher. Only variants that run on
+    ``deployment.device`` are built and may be kept.
     """
 
-    variants: list[
-        Literal["onnx_fp32", "onnx_fp32_fused", "onnx_int8_dynamic", "onnx_int8_static", "tensorrt_fp16",
-                "tensorrt_int8"]
-    ] = Field(
+    variants: list[COMPRESSION_VARIANTS] = Field(
         ["onnx_fp32", "onnx_fp32_fused", "onnx_int8_dynamic", "onnx_int8_static", "tensorrt_fp16", "tensorrt_int8"],
         description="Candidate variants to build and measure (TensorRT ones only where CUDA + TensorRT exist).",
     )
@@ -342,6 +343,8 @@ class CompressionConfig(StrictModel):
     latency_batch_sizes: list[int] = Field([1, 32], min_length=1)
     latency_repeats: int = Field(5, ge=1)
     latency_rows: int = Field(64, ge=1, description="Validation texts in the fixed latency sample.")
+    distillation: DistillationConfig = DistillationConfig()
+    pruning: PruningConfig = PruningConfig()
 
     @field_validator("latency_batch_sizes")
     @classmethod
@@ -423,6 +426,10 @@ class DeploymentConfig(StrictModel):
     """
 
     target: Literal["local", "kubernetes"] = "local"
+    device: Literal["cpu", "cuda"] = Field(
+        "cpu", description="Where the model serves: only compressed variants that run there (cpu: ONNX Runtime; "
+        "cuda: TensorRT) may be kept, and evaluate and serving get a GPU when it is cuda.",
+    )
     model_version: str | None = Field(None, pattern=r"^[0-9]+$")
     port: int = Field(3000, ge=1, le=65535)
     max_text_chars: int = Field(5000, ge=1)

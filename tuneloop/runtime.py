@@ -206,6 +206,20 @@ class TorchClassifier(BaseClassifier):
         self.model = model.to("cpu").eval()
         self._torch = torch
 
+    @classmethod
+    def from_model(cls, model: Any, tokenizer: Any, *, directory: str | Path, labels: list[str],
+                   max_length: int) -> "TorchClassifier":
+        """Wrap a model already in memory (a distilled or pruned student), moved to CPU in eval mode.
+
+        ``directory`` is where it came from, for messages only."""
+        import torch
+
+        classifier = cls.__new__(cls)
+        BaseClassifier.__init__(classifier, Path(directory), tokenizer, labels, max_length)
+        classifier.model = model.to("cpu").eval()
+        classifier._torch = torch
+        return classifier
+
     def _logits(self, texts: list[str]) -> np.ndarray:
         with self._torch.inference_mode():
             encoded = self._encode(texts, "pt")

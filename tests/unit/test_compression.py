@@ -2,7 +2,9 @@
 budget, and writes the contract."""
 
 import json
+import pathlib
 import shutil
+import typing
 
 import numpy as np
 import onnxruntime as ort
@@ -30,7 +32,8 @@ from tuneloop.errors import CompressionError, ConfigError, DataError
 from tuneloop.runtime import OnnxClassifier, TorchClassifier, load_classifier
 
 TEXTS = ["x", "WINNER!! Claim your free prize now, call 09061701461", "ok lar", "see you at 3 tomorrow then"]
-VARIANT_KEYS = {"latency_ms", "size_bytes", "macro_f1", "agreement_with_fp32"}
+VARIANT_KEYS = {"latency_ms", "size_bytes", "macro_f1", "agreement_with_fp32", "source", "runtime", "device", "eligible",
+                "build_seconds"}
 MINIMAL = {"name": "demo", "data": {"texts": "t.parquet", "labels": "l.parquet", "classes": ["ham", "spam"]}}
 
 
@@ -53,7 +56,7 @@ def favour(monkeypatch):
     by 100, so the choice does not hang on timing noise between near-equal tiny graphs."""
 
     def apply(name):
-        real = compression.measure_latencies
+        real = compression.measure.measure_latencies
 
         def measured(classifiers, texts, batch_sizes, repeats):
             result = real(classifiers, texts, batch_sizes, repeats)
@@ -61,7 +64,7 @@ def favour(monkeypatch):
                 result[name] = {batch: ms / 100 for batch, ms in result[name].items()}
             return result
 
-        monkeypatch.setattr(compression, "measure_latencies", measured)
+        monkeypatch.setattr(compression.measure, "measure_latencies", measured)
 
     return apply
 
@@ -96,14 +99,14 @@ def test_export_restores_the_attention_implementation(model_dir, tmp_path):
 
 
 def test_dynamo_exporter_takes_over_when_torchscript_fails(model_dir, tmp_path, monkeypatch):
-    real_export = compression._torch_export
+    real_export = compression.export._torch_export
 
     def no_torchscript(*args, dynamo, **kwargs):
         if not dynamo:
             raise RuntimeError("the TorchScript exporter was removed")
         return real_export(*args, dynamo=dynamo, **kwargs)
 
-    monkeypatch.setattr(compression, "_torch_export", no_torchscript)
+    monkeypatch.setattr(compression.export, "_torch_export", no_torchscript)
     torch_model = TorchClassifier(model_dir)
     assert export_onnx(torch_model, tmp_path / "model.onnx", opset=18) == "dynamo"
     session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -244,7 +247,9 @@ def test_variants_config_and_the_older_quantize_switch():
     with pytest.raises(ConfigError, match=r"compression\.calibration_rows"):
         parse_config({**MINIMAL, "compression": {"calibration_rows": 0}}, source="t")
     names = set(CompressionConfig.model_fields["variants"].default)
-    assert names == set(CPU_VARIANTS) | {TENSORRT_FP16, TENSORRT_INT8} == set(compression.VARIANT_FILES)
+    assert names == set(CPU_VARIANTS) | {TENSORRT_FP16, TENSORRT_INT8}
+    listed = set(typing.get_args(typing.get_args(CompressionConfig.model_fields["variants"].annotation)[0]))
+    assert listed == set(compression.VARIANT_FILES) == set(compression.VARIANTS)
 
 
 class Int8GetsEverythingWrong(OnnxClassifier):
@@ -265,7 +270,7 @@ def test_int8_over_budget_keeps_fp32_with_a_reason(model_dir, tiny_dataset, tmp_
     Int8GetsEverythingWrong.wrong = {
         text: "spam" if label == "ham" else "ham" for text, label in zip(validation["text"], validation["label"])
     }
-    monkeypatch.setattr(compression, "OnnxClassifier", Int8GetsEverythingWrong)
+    monkeypatch.setattr(compression.build, "OnnxClassifier", Int8GetsEverythingWrong)
     favour(ONNX_INT8_STATIC)  # the fastest, and still not kept
     output = tmp_path / "compressed"
     config = compression_config(tmp_path, max_f1_loss_points=0, variants=[ONNX_INT8_DYNAMIC, ONNX_INT8_STATIC])
@@ -360,24 +365,42 @@ def test_quantize_none_keeps_fp32_variants(model_dir, tiny_dataset, tmp_path):
     assert metadata["macro_f1_change_points"] == pytest.approx(0.0, abs=1e-6)
 
 
-def test_tensorrt_variants_are_skipped_without_a_gpu(model_dir, tiny_dataset, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(tensorrt_engine, "unavailable_reason", lambda: "no CUDA device")
+def test_tensorrt_variants_are_not_built_for_cpu_serving(model_dir, tiny_dataset, tmp_path, monkeypatch, capsys):
+    """deployment.device cpu: a GPU compress step (TensorRT present) still builds no engine."""
+    monkeypatch.setattr(tensorrt_engine, "unavailable_reason", lambda: None)
+
+    def no_engine(*args, **kwargs):
+        raise AssertionError("an engine was built for a model that serves on CPU")
+
+    monkeypatch.setattr(tensorrt_engine, "build_engine", no_engine)
     output = tmp_path / "compressed"
     summary = compression.run(compression_config(tmp_path, variants=[TENSORRT_FP16, TENSORRT_INT8]),
                               model_dir, tiny_dataset, output)
-    assert "compress: TensorRT variants skipped: no CUDA device" in capsys.readouterr().out
+    assert "compress: skipped (deployment.device cpu): tensorrt_fp16, tensorrt_int8" in capsys.readouterr().out
     metadata = read_metadata(output)
     assert summary.chosen == ONNX_FP32 and metadata["runtime"] == "onnxruntime"
-    assert metadata["skipped"] == {TENSORRT_FP16: "no CUDA device", TENSORRT_INT8: "no CUDA device"}
-    assert metadata["tensorrt"] == {"skipped": "no CUDA device"}
+    assert set(metadata["skipped"]) == {TENSORRT_FP16, TENSORRT_INT8}
+    assert "deployment.device is cpu" in metadata["skipped"][TENSORRT_INT8]
+    assert metadata["tensorrt"] == {"skipped": metadata["skipped"][TENSORRT_FP16]}
     assert set(metadata["variants"]) == {TORCH_FP32, ONNX_FP32}
+    assert metadata["selection"]["eligible"] == [ONNX_FP32] and metadata["device"] == "cpu"
+
+
+def test_cuda_serving_without_tensorrt_here_is_a_clear_error(model_dir, tiny_dataset, tmp_path, monkeypatch):
+    monkeypatch.setattr(tensorrt_engine, "unavailable_reason", lambda: "no CUDA device")
+    config = make_config(tmp_path, compression={"variants": [TENSORRT_FP16]}, deployment={"device": "cuda"})
+    output = tmp_path / "compressed"
+    with pytest.raises(CompressionError, match=r"deployment.device is cuda but this compress step cannot build "
+                                               r"TensorRT engines \(no CUDA device\)") as raised:
+        compression.run(config, model_dir, tiny_dataset, output)
+    assert raised.value.field == "deployment.device" and not output.exists()
 
 
 def test_a_variant_that_fails_to_build_is_skipped_with_its_reason(model_dir, tiny_dataset, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise CompressionError("int8 static quantization failed: no calibration for you")
 
-    monkeypatch.setattr(compression, "quantize_int8_static", broken)
+    monkeypatch.setattr(compression.build, "quantize_int8_static", broken)
     output = tmp_path / "compressed"
     compression.run(compression_config(tmp_path, variants=[ONNX_INT8_STATIC, ONNX_INT8_DYNAMIC]),
                     model_dir, tiny_dataset, output)
@@ -390,7 +413,7 @@ def test_unsupported_architecture_names_the_model_type(model_dir, tiny_dataset, 
     def refuse(*args, **kwargs):
         raise RuntimeError("Exporting the operator 'aten::fancy_attention' to ONNX is not supported")
 
-    monkeypatch.setattr(compression, "_torch_export", refuse)
+    monkeypatch.setattr(compression.export, "_torch_export", refuse)
     output = tmp_path / "compressed"
     with pytest.raises(CompressionError, match="model type 'bert'") as raised:
         compression.run(compression_config(tmp_path), model_dir, tiny_dataset, output)
@@ -420,7 +443,7 @@ def test_int8_agrees_with_fp32_on_the_real_minilm(tmp_path):
 
     from tuneloop.datasets import assign_split
 
-    data = compression.Path(__file__).resolve().parents[2] / "examples" / "sms_spam" / "data"
+    data = pathlib.Path(__file__).resolve().parents[2] / "examples" / "sms_spam" / "data"
     texts, labels = pd.read_parquet(data / "texts.parquet"), pd.read_parquet(data / "labels.parquet")
     frame = texts.merge(labels[["id", "label"]], on="id")
     frame["split"] = [assign_split(key, validation=0.15, test=0.15, salt="tuneloop") for key in frame["id"]]

@@ -143,15 +143,39 @@ def test_compression_keeps_a_tensorrt_engine(onnx_dir, tiny_checkpoint, tiny_dat
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_checkpoint, model_dir)
     write_metadata(model_dir, {"kind": "model", "text_column": "text", "label_column": "label", **METADATA})
-    config = make_config(tmp_path, compression={"variants": ["tensorrt_fp16", "tensorrt_int8"],
+    config = make_config(tmp_path, compression={"variants": ["tensorrt_fp16", "tensorrt_int8", "pruned_tensorrt_fp16"],
                                                 "latency_batch_sizes": [1, 4], "latency_repeats": 1,
-                                                "max_f1_loss_points": 100})
+                                                "max_f1_loss_points": 100,
+                                                "pruning": {"importance_rows": 16, "recovery_epochs": 0}},
+                         deployment={"device": "cuda"})
     output = tmp_path / "compressed"
     summary = compression.run(config, model_dir, tiny_dataset, output)
     metadata = read_metadata(output)
-    assert {"tensorrt_fp16", "tensorrt_int8"} <= set(metadata["variants"])
+    assert {"tensorrt_fp16", "tensorrt_int8", "pruned_tensorrt_fp16"} <= set(metadata["variants"])
     assert metadata["tensorrt"]["version"] == trt.__version__
     assert metadata["tensorrt"]["gpu"] == torch.cuda.get_device_name(0)
-    if metadata["runtime"] == "tensorrt":
-        assert (output / "model.plan").is_file() and summary.chosen.startswith("tensorrt_")
-        assert isinstance(load_classifier(output), tensorrt_engine.TensorRTClassifier)
+    # serving on cuda: only engines are eligible, so an engine is kept and runs on the GPU
+    assert metadata["selection"]["eligible"] == ["tensorrt_fp16", "tensorrt_int8", "pruned_tensorrt_fp16"]
+    assert metadata["runtime"] == "tensorrt" and summary.chosen in metadata["selection"]["eligible"]
+    assert (output / "model.plan").is_file()
+    assert isinstance(load_classifier(output), tensorrt_engine.TensorRTClassifier)
+
+
+@pytest.mark.gpu
+def test_gpu_compress_step_serving_on_cpu_keeps_a_cpu_variant(tiny_checkpoint, tiny_dataset, tmp_path):
+    """A GPU compress step whose model serves on CPU builds no engine and measures ONNX Runtime on CPU."""
+    require_gpu()
+    from tests.conftest import make_config
+    from tuneloop import compression
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint, model_dir)
+    write_metadata(model_dir, {"kind": "model", "text_column": "text", "label_column": "label", **METADATA})
+    config = make_config(tmp_path, compression={"variants": ["onnx_int8_dynamic", "tensorrt_fp16"],
+                                                "latency_batch_sizes": [1, 4], "latency_repeats": 1,
+                                                "max_f1_loss_points": 100})
+    output = tmp_path / "compressed"
+    compression.run(config, model_dir, tiny_dataset, output)
+    metadata = read_metadata(output)
+    assert "tensorrt_fp16" not in metadata["variants"] and "deployment.device is cpu" in metadata["skipped"]["tensorrt_fp16"]
+    assert metadata["runtime"] == "onnxruntime" and metadata["variants"][metadata["chosen"]]["device"] == "cpu"
