@@ -377,3 +377,14 @@ def test_a_record_without_its_partition_time_is_refused_at_once(tmp_path):
         assert writer.alive and writer.pending == 0
     finally:
         writer.close()
+
+
+def test_list_files_of_a_window(tmp_path):
+    uri = str(tmp_path)
+    write_hours(uri)
+    (feedback,) = pl.append(uri, [{"request_id": "x", "timestamp": NOW, "served_at": NOW.replace(hour=9)}], pl.FEEDBACK)
+    hours = [Path(path).parent.name for path in pl.list_files(uri)]
+    assert hours == ["hour=09", "hour=10", "hour=12", "hour=12"]
+    assert [Path(p).parent.name for p in pl.list_files(uri, start=NOW.replace(hour=10, minute=0))] == ["hour=10"] + \
+        ["hour=12"] * 2
+    assert pl.list_files(uri, pl.FEEDBACK) == [feedback]

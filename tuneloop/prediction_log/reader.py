@@ -155,8 +155,7 @@ def read_log(
         wanted.append(MODEL_VERSION)
     rows_filter = _time_filter(time_column, start, end)
     partitions = _partition_filter(start, end)
-    dates = [d for d in _dates(fs, root, kind, uri)
-             if (start is None or d >= partition_of(start)[0]) and (end is None or d <= partition_of(end)[0])]
+    dates = _window_dates(fs, root, kind, uri, start, end)
     result = LogRead(frame=pd.DataFrame(columns=wanted or list(required)))
     frames: list[pd.DataFrame] = []
     counted: Counter = Counter()
@@ -180,6 +179,27 @@ def read_log(
         if time_column in result.frame.columns:
             result.frame[time_column] = pd.to_datetime(result.frame[time_column], utc=True)
     return result
+
+
+def list_files(uri: str, kind: str = PREDICTIONS, *, start: dt.datetime | None = None,
+               end: dt.datetime | None = None) -> list[str]:
+    """The log's files of ``kind`` (paths on :func:`filesystem`) in the partitions overlapping
+    ``start..end`` (every partition when both are None), oldest partition first.
+
+    Raises:
+        ServiceUnavailableError: the store does not answer.
+    """
+    fs, root = filesystem(uri)
+    root = root.rstrip("/")
+    dates = _window_dates(fs, root, kind, uri, start, end)
+    partitions = _partition_filter(start, end)
+    return [fragment.path for hour in _hours(fs, root, kind, uri, dates, partitions, newest_first=False)
+            for fragment in hour]
+
+
+def _window_dates(fs, root: str, kind: str, uri: str, start: dt.datetime | None, end: dt.datetime | None):
+    return [d for d in _dates(fs, root, kind, uri)
+            if (start is None or d >= partition_of(start)[0]) and (end is None or d <= partition_of(end)[0])]
 
 
 def _hours(fs, root: str, kind: str, uri: str, dates: list[str], partitions, *, newest_first: bool):
