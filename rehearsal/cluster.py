@@ -77,12 +77,12 @@ class World:
 
 def rehearsal_config(mlflow_url: str, kfp_url: str) -> dict:
     """The shipped cluster config with the rehearsal's addresses and a training set-up that fits in a
-    few minutes on two cores (300 rows, 3 short epochs, two compression candidates)."""
+    few minutes on two cores (300 rows, 2 short epochs, two compression candidates)."""
     config = yaml.safe_load(SHIPPED_CONFIG.read_text())
     config["name"] = "sms-rehearsal"
     config["data"].update(texts=f"{DATA_PREFIX}/sms-spam/texts.parquet", labels=f"{DATA_PREFIX}/sms-spam/labels.parquet")
     config["features"]["offline_uri"] = f"{DATA_PREFIX}/feast"
-    config["training"].update(epochs=3, batch_size=16, max_length=64, learning_rate=1e-4,
+    config["training"].update(epochs=2, batch_size=16, max_length=64, learning_rate=1e-4,
                               checkpoint_uri=f"{DATA_PREFIX}/checkpoints")
     config["compression"] = {"variants": ["onnx_fp32", "onnx_int8_dynamic"], "max_f1_loss_points": 2.0,
                              "latency_repeats": 2, "latency_rows": 32, "latency_batch_sizes": [1, 16]}
