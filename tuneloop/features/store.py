@@ -17,6 +17,7 @@ names a service by its URI with the credentials removed.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,7 +26,8 @@ from urllib.parse import urlsplit
 import pandas as pd
 
 from tuneloop.config import TuneloopConfig
-from tuneloop.errors import ConfigError, ServiceUnavailableError
+from tuneloop.datasets import is_connection_error
+from tuneloop.errors import ConfigError, ServiceUnavailableError, TuneloopError
 from tuneloop.features.definitions import (
     STAGE,
     FeatureDefinitions,
@@ -181,6 +183,41 @@ def check_redis(connection: str) -> None:
         client.close()
 
 
+@contextmanager
+def outages_as_unavailable(config: TuneloopConfig, action: str):
+    """Turn a service that stops answering in the middle of ``action`` into ServiceUnavailableError
+    (naming the registry database, Redis or the texts source), so KFP retries instead of failing."""
+    import sqlalchemy
+
+    try:
+        yield
+    except TuneloopError:
+        raise
+    except sqlalchemy.exc.DBAPIError as error:
+        if not error.connection_invalidated and not isinstance(error, sqlalchemy.exc.OperationalError):
+            raise
+        url = redact(registry_url(config) or "")
+        raise ServiceUnavailableError(f"postgres (Feast registry) failed while {action} at {url}: "
+                                      f"{type(error).__name__}", service="postgres", uri=url, stage=STAGE) from error
+    except Exception as error:
+        if not is_connection_error(error):
+            raise
+        service, uri = _failed_service(config, error)
+        raise ServiceUnavailableError(f"{service} failed while {action} at {uri}: {type(error).__name__}",
+                                      service=service, uri=uri, stage=STAGE) from error
+
+
+def _failed_service(config: TuneloopConfig, error: BaseException) -> tuple[str, str]:
+    import redis
+
+    current = error
+    while current is not None:
+        if isinstance(current, redis.exceptions.RedisError):
+            return "redis", redact(redis_connection(config) or "")
+        current = current.__cause__ or current.__context__
+    return "object store", config.data.texts
+
+
 def connect(config: TuneloopConfig, *, online: bool = False):
     """A :class:`feast.FeatureStore` for the config, after checking that its services answer.
 
@@ -271,13 +308,14 @@ def apply(config: TuneloopConfig, *, materialize_until: datetime | None = None) 
         DataError: the texts file is missing or malformed.
         ServiceUnavailableError: the registry database, Redis or the object store is unreachable.
     """
-    store = connect(config, online=materialize_until is not None)
-    texts_uri = prepare_texts(config)
-    definitions = build_definitions(config, texts_uri)
-    changes = pending_changes(store, definitions)
-    if changes:
-        with quiet_feast():
-            store.apply(definitions.objects())
+    with outages_as_unavailable(config, "applying the feature definitions"):
+        store = connect(config, online=materialize_until is not None)
+        texts_uri = prepare_texts(config)
+        definitions = build_definitions(config, texts_uri)
+        changes = pending_changes(store, definitions)
+        if changes:
+            with quiet_feast():
+                store.apply(definitions.objects())
     location = registry_location(config)
     print(f"[features] registry {location}: " + ("; ".join(changes) if changes else "unchanged"), flush=True)
     if materialize_until is not None:
@@ -344,13 +382,14 @@ def open_store(config: TuneloopConfig, definitions: FeatureDefinitions | None = 
 def materialize(config: TuneloopConfig, end_date: datetime | None = None, *, store=None) -> None:
     """Load the latest text of each entity (as of ``end_date``, default now) into the online store
     (SQLite locally, Redis in a cluster), looking back ``features.ttl_days``."""
-    store = store or open_store(config, online=True)
     end = pd.Timestamp(end_date or datetime.now(timezone.utc))
     end = end.tz_localize("UTC") if end.tzinfo is None else end.tz_convert("UTC")
     start = end - pd.Timedelta(days=config.features.ttl_days)
-    print(f"[features] materialising texts up to {end.isoformat()}", flush=True)
-    with quiet_feast():
-        store.materialize(start_date=start.to_pydatetime(), end_date=end.to_pydatetime())
+    with outages_as_unavailable(config, "materialising the online store"):
+        store = store or open_store(config, online=True)
+        print(f"[features] materialising texts up to {end.isoformat()}", flush=True)
+        with quiet_feast():
+            store.materialize(start_date=start.to_pydatetime(), end_date=end.to_pydatetime())
 
 
 def online_features(config: TuneloopConfig, ids: list[str]) -> pd.DataFrame:
@@ -363,6 +402,11 @@ def online_features(config: TuneloopConfig, ids: list[str]) -> pd.DataFrame:
     Raises:
         ConfigError: the registry lacks the definitions, or (cluster) nothing was materialised.
     """
+    with outages_as_unavailable(config, "reading online features"):
+        return _online_features(config, ids)
+
+
+def _online_features(config: TuneloopConfig, ids: list[str]) -> pd.DataFrame:
     definitions = build_definitions(config, prepare_texts(config) if applies_on_read(config) else None)
     store = open_store(config, definitions, online=True)
     view = store.get_feature_view(definitions.texts_view.name)

@@ -19,7 +19,8 @@ from tuneloop.features.definitions import (
     to_utc,
 )
 from tuneloop.features.statistics import STATISTIC_COLUMNS
-from tuneloop.features.store import applies_on_read, open_store
+from tuneloop.privacy import private_training_frame
+from tuneloop.features.store import applies_on_read, open_store, outages_as_unavailable
 
 
 @dataclass(frozen=True)
@@ -101,12 +102,13 @@ def run(config: TuneloopConfig, dataset_path: str | Path) -> FeatureSummary:
     if labels.empty:
         raise DataError(f"labels file {data.labels} holds no rows", stage=STAGE, path=str(data.labels))
 
-    definitions = build_definitions(config, prepare_texts(config) if applies_on_read(config) else None)
-    store = open_store(config, definitions)
-    service = store.get_feature_service(definitions.feature_service.name)
-    print(f"[features] point-in-time join through feature service {service.name!r}", flush=True)
-    with quiet_feast():
-        joined = store.get_historical_features(entity_df=labels, features=service).to_df()
+    with outages_as_unavailable(config, "building the training set"):
+        definitions = build_definitions(config, prepare_texts(config) if applies_on_read(config) else None)
+        store = open_store(config, definitions)
+        service = store.get_feature_service(definitions.feature_service.name)
+        print(f"[features] point-in-time join through feature service {service.name!r}", flush=True)
+        with quiet_feast():
+            joined = store.get_historical_features(entity_df=labels, features=service).to_df()
 
     # Feast returns a null text for an unknown id, but leaves out the label rows of a known id
     # whose every text version is newer than the label (or older than the ttl): count both.
@@ -137,6 +139,7 @@ def run(config: TuneloopConfig, dataset_path: str | Path) -> FeatureSummary:
         for key in dataset[data.id_column]
     ]
     dataset = dataset.sort_values([EVENT_TIMESTAMP, data.id_column], kind="stable").reset_index(drop=True)
+    dataset = private_training_frame(dataset, config)  # erased rows out; privacy.training (recorded in attrs)
 
     rows = {name: int((dataset[SPLIT_COLUMN] == name).sum()) for name in SPLITS}
     empty = [name for name, count in rows.items() if count == 0]
