@@ -117,6 +117,7 @@ def compile_pipeline(
 
         require_cluster_ready(config, action="compile")
         kubeflow = with_serving_api_key(kubeflow, config.deployment.api_key_env)
+        kubeflow = with_serving_device(kubeflow, config)
         require_credential_secrets(config, kubeflow)
     pipeline = load_pipeline(pipeline, kubeflow)
     parameters = {"config_json": config.to_json()} if config is not None else None
@@ -134,6 +135,23 @@ def with_serving_api_key(kubeflow: KubeflowConfig, api_key_env: str) -> Kubeflow
     name, key = SERVING_API_KEY_SECRET
     entry = SecretEnvConfig(secret=name, key=key, env=api_key_env, steps=["deploy"])
     return kubeflow.model_copy(update={"secrets": [*kubeflow.secrets, entry]})
+
+
+def with_serving_device(kubeflow: KubeflowConfig, config: TuneloopConfig) -> KubeflowConfig:
+    """``kubeflow`` with ``compress`` and ``evaluate`` on GPU nodes when the model serves on one
+    (``deployment.device: cuda``): compress builds and measures TensorRT engines there and evaluate
+    must load the kept engine. Checks first that the variant list keeps something that runs there.
+
+    Raises:
+        ConfigError: ``compression.variants`` holds nothing that runs on ``deployment.device``.
+    """
+    from tuneloop.compression.choose import eligible_variants
+
+    eligible_variants(config.compression.candidates(), config.deployment.device)
+    if config.deployment.device != "cuda":
+        return kubeflow
+    steps = list(dict.fromkeys([*kubeflow.gpu.steps, "compress", "evaluate"]))
+    return kubeflow.model_copy(update={"gpu": kubeflow.gpu.model_copy(update={"steps": steps})})
 
 
 def credential_variables(config: TuneloopConfig) -> dict[str, str]:
