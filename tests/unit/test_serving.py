@@ -18,6 +18,7 @@ from tuneloop.artifacts import write_metadata
 from tuneloop.errors import ModelError, RegistryError, ServiceUnavailableError
 from tuneloop.features import STATISTIC_COLUMNS
 from tuneloop.prediction_log import prediction_log_uri, read_feedback, read_predictions
+from tuneloop.privacy import log_text_policy
 from tuneloop.serving import FeedbackError, PredictRequest, RequestLimits, ServingRuntime
 
 SERVICE_FILE = Path(__file__).resolve().parents[2] / "serving" / "service.py"
@@ -397,7 +398,9 @@ def test_prediction_log_holds_one_record_per_served_text_after_flush(served, ser
         logged = read_predictions(uri).sort_values("timestamp", kind="stable").reset_index(drop=True)
     assert len(logged) == 4
     assert list(logged["request_id"]) == [answer["request_id"] for answer in answers]
-    assert list(logged["text"]) == [*TEXTS, "one more"]
+    masked = log_text_policy(config.privacy)  # privacy.prediction_log: mask (the default)
+    assert list(logged["text"]) == [masked(text) for text in [*TEXTS, "one more"]]
+    assert logged.loc[0, "text"] == "WINNER!! Claim your free prize now, call <PHONE>"
     expected = ["request_id", "timestamp", "model_version", "text", *STATISTIC_COLUMNS,
                 "predicted_label", "confidence", "probability_ham", "probability_spam"]
     assert list(logged.columns) == expected
