@@ -357,17 +357,15 @@ def test_quality_drop_beyond_the_limit_is_drift(two_versions):
 
 
 def test_monitoring_pipeline_alerts_and_retrains_only_on_drift(tmp_path):
-    from pathlib import Path
-
     import yaml
     from google.protobuf import json_format
     from kfp.pipeline_spec import pipeline_spec_pb2
 
+    from tests.pipelines.conftest import cluster_config
     from tuneloop.orchestration import compile_pipeline
 
-    config = make_config(tmp_path)
     output = compile_pipeline(Path(__file__).resolve().parents[2] / "pipelines" / "monitoring.py",
-                              tmp_path / "monitoring.yaml", config)
+                              tmp_path / "monitoring.yaml", cluster_config())
     spec = json_format.ParseDict(next(yaml.safe_load_all(output.read_text())), pipeline_spec_pb2.PipelineSpec(),
                                  ignore_unknown_fields=False)
     assert spec.pipeline_info.name == "tuneloop-monitoring"
