@@ -21,7 +21,7 @@ from typing import Callable
 from tuneloop.config import TuneloopConfig
 from tuneloop.datasets import load_split
 from tuneloop.metrics import classification_metrics, macro_f1
-from tuneloop.registry import ChampionModel, as_outage
+from tuneloop.registry import ChampionModel, as_outage, scrub
 from tuneloop.runtime import load_classifier
 
 
@@ -99,8 +99,9 @@ def run(
             if outage is error:
                 raise
             raise outage from error
-        print(f"evaluate: the gate could not decide ({type(error).__name__}: {error}); not blessed", flush=True)
-        result = EvaluationResult(False, [Check("gate_error", f"{type(error).__name__}: {error}", None, False)])
+        reason = scrub(f"{type(error).__name__}: {error}")
+        print(f"evaluate: the gate could not decide ({reason}); not blessed", flush=True)
+        result = EvaluationResult(False, [Check("gate_error", reason, None, False)])
     _write_decision(decision_path, result)
     _print_checks(result)
     return result

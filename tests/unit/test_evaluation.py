@@ -150,3 +150,23 @@ def test_mlflow_server_down_during_evaluate_is_retryable_and_decides_nothing(tmp
     finally:
         mlflow_server.start()
     assert not (tmp_path / "d.json").exists()
+
+
+def test_champion_whose_files_are_gone_is_a_decision_on_a_real_registry(tmp_path, tiny_dataset, classifiers):
+    """The registry answers, but the champion's model files were deleted: not blessed, not a retry."""
+    import shutil
+
+    from tuneloop import registry
+    from tuneloop.artifacts import write_metadata
+
+    config = make_config(tmp_path, registry={"retry_attempts": 2, "retry_wait_s": 0})
+    compressed = tmp_path / "compressed"
+    write_metadata(compressed, {"kind": "compressed_model", "runtime": "onnxruntime", "precision": "int8",
+                                "labels": ["ham", "spam"], "base_model": "tiny"})
+    registered = registry.register(config, compressed, {"blessed": True, "checks": []}, tiny_dataset)
+    source = registry.client(config).get_model_version(config.registry.model_name, registered.version).source
+    shutil.rmtree(source.removeprefix("file://"))
+    result = evaluation.run(config, tiny_dataset, tmp_path / "good", tmp_path / "good", tmp_path / "d.json")
+    assert not result.blessed and result.checks[-1].name == "gate_error"
+    assert f"champion version {registered.version}: nothing is stored at" in result.checks[-1].value
+    assert read_decision(tmp_path / "d.json")["blessed"] is False
