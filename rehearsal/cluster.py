@@ -75,10 +75,17 @@ class World:
         return load_config(self.config_path)
 
 
-def rehearsal_config(mlflow_url: str, kfp_url: str) -> dict:
+def rehearsal_config(mlflow_url: str, kfp_url: str, rows: int) -> dict:
     """The shipped cluster config with the rehearsal's addresses and a training set-up that fits in a
-    few minutes on two cores (300 rows, 2 short epochs, two compression candidates)."""
+    few minutes on two cores (300 rows, 2 short epochs, two compression candidates). The smoke tests
+    are a spam and a ham message of the slice itself: a model trained on 300 rows need not know the
+    shipped config's wording."""
     config = yaml.safe_load(SHIPPED_CONFIG.read_text())
+    texts, labels = sample_data(rows)
+    known = texts.merge(labels, on="id")
+    config["deployment"]["smoke_tests"] = [
+        {"text": known[known.label == label].text.iloc[0], "expected_label": label} for label in ("spam", "ham")
+    ]
     config["name"] = "sms-rehearsal"
     config["data"].update(texts=f"{DATA_PREFIX}/sms-spam/texts.parquet", labels=f"{DATA_PREFIX}/sms-spam/labels.parquet")
     config["features"]["offline_uri"] = f"{DATA_PREFIX}/feast"
@@ -151,7 +158,7 @@ def bring_up(root: Path, *, rows: int = 300) -> Iterator[World]:
         config_dir = root / "etc" / "tuneloop"
         config_dir.mkdir(parents=True, exist_ok=True)
         config_path = config_dir / "tuneloop.yaml"
-        config_path.write_text(yaml.safe_dump(rehearsal_config(tracking.url, kfp.url), sort_keys=False))
+        config_path.write_text(yaml.safe_dump(rehearsal_config(tracking.url, kfp.url, rows), sort_keys=False))
         config_path.chmod(0o444)
         upload_data(store, rows, root)
         cluster = Cluster(root=root, settings=settings, secrets=secret_values, config_path=config_path)
