@@ -492,3 +492,20 @@ def test_redis_urls_become_feasts_connection_form(tmp_path, monkeypatch):
     monkeypatch.setenv("REDIS", "redis.tuneloop:6379,password=pw")
     assert features.store.redis_connection(config) == "redis.tuneloop:6379,password=pw"
     assert features.redact("redis.tuneloop:6379,password=pw") == "redis.tuneloop:6379"
+
+
+def test_apply_refuses_to_register_a_pod_path_in_a_shared_registry(tmp_path, labelled_frame, monkeypatch):
+    from tuneloop.errors import ConfigError
+
+    write_inputs(tmp_path, labelled_frame)
+    monkeypatch.setenv("REGISTRY", "postgresql+psycopg2://127.0.0.1:1/feast")
+    cluster = make_config(tmp_path, world="cluster", features={"registry_url_env": "REGISTRY"})
+    with pytest.raises(ConfigError, match=r"^\[features\] cannot apply features to a shared registry: data\.texts: "
+                                          r"'.*texts.parquet' is pod-local") as caught:
+        features.apply(cluster)
+    assert caught.value.field == "data.texts" and "\n" not in str(caught.value)
+
+    shared = make_config(tmp_path, features={"registry_url_env": "REGISTRY", "offline_uri": "s3://tuneloop/feast"})
+    with pytest.raises(ConfigError, match="data.texts: .* is a path on this machine") as caught:
+        features.apply(shared)
+    assert not (tmp_path / "state" / "feast").exists()  # refused before touching anything

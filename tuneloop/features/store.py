@@ -33,6 +33,7 @@ from tuneloop.features.definitions import (
     FeatureDefinitions,
     build_definitions,
     normalised_texts,
+    offline_location,
     prepare_texts,
     prepared_fingerprint,
     prepared_texts_uri,
@@ -297,6 +298,28 @@ def registry_location(config: TuneloopConfig) -> str:
     return redact(url) if url else str(feast_dir(config) / "registry.db")
 
 
+def require_shareable_sources(config: TuneloopConfig) -> None:
+    """Refuse to register a source only one pod can read: in the cluster world, or with a shared
+    (SQL) registry, the texts and the offline store must be object-store URIs.
+
+    Raises:
+        ConfigError: one line naming the first field and the value it needs.
+    """
+    from tuneloop.world import cluster_problems, is_object_store_uri
+
+    problems = []
+    if config.world == "cluster":
+        problems = [line for line in cluster_problems(config) if line.startswith(("data.", "features."))]
+    elif config.features.registry_url_env:
+        problems = [f"{name}: {value!r} is a path on this machine; a shared registry needs an object-store URI "
+                    f"every pod reads (s3://bucket/...)"
+                    for name, value in (("data.texts", config.data.texts), ("features.offline_uri", offline_location(config)))
+                    if not is_object_store_uri(value)]
+    if problems:
+        raise ConfigError(f"cannot apply features to a shared registry: {'; '.join(problems)}",
+                          stage=STAGE, field=problems[0].split(":", 1)[0])
+
+
 def apply(config: TuneloopConfig, *, materialize_until: datetime | None = None) -> ApplyResult:
     """Set up the feature store of a config: the set-up step behind ``tuneloop features apply``.
 
@@ -308,6 +331,7 @@ def apply(config: TuneloopConfig, *, materialize_until: datetime | None = None) 
         DataError: the texts file is missing or malformed.
         ServiceUnavailableError: the registry database, Redis or the object store is unreachable.
     """
+    require_shareable_sources(config)
     with outages_as_unavailable(config, "applying the feature definitions"):
         store = connect(config, online=materialize_until is not None)
         texts_uri = prepare_texts(config)
