@@ -79,6 +79,7 @@ from tuneloop.prediction_log import (
     TIMESTAMP,
     LABEL as FEEDBACK_LABEL,
     LogRead,
+    check_store,
     prediction_log_uri,
     read_log,
 )
@@ -170,9 +171,11 @@ def load_current(config: TuneloopConfig, window: Window, version: str | None, *,
     """The prediction-log records of ``version`` in ``window`` (oldest first).
 
     Raises:
+        ConfigError: a pod-local log in a cluster, or a bucket that does not exist.
         ServiceUnavailableError: the log's store does not answer.
     """
     uri = prediction_log_uri(config)
+    check_store(uri)
     start = now - pd.Timedelta(window.duration) if window.duration else None
     read = read_log(uri, PREDICTIONS, start=start, end=now, last=window.records,
                     columns=[*LOG_COLUMNS, *STATISTIC_COLUMNS], required=LOG_COLUMNS,

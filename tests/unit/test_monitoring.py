@@ -378,3 +378,22 @@ def test_monitoring_pipeline_alerts_and_retrains_only_on_drift(tmp_path):
     assert set(branch) == {"notify-drift", "trigger-retraining"}
     assert list(branch["trigger-retraining"].dependent_tasks) == ["notify-drift"]
     assert "window" in spec.root.input_definitions.parameters
+
+
+# --------------------------------------------------------------------------------------------
+# The log on object storage
+
+
+def test_drift_check_reads_the_shared_log_on_s3(tmp_path, reference, s3_endpoint):
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    config = make_config(tmp_path, monitoring={"min_rows": 100},
+                         deployment={"prediction_log_uri": f"s3://tuneloop/monitor-{tmp_path.name}"})
+    write_log(config, traffic(300, seed=2))
+    report = check(config, reference)
+    assert report.verdict == monitoring.NO_DRIFT and report.summary["rows"]["current"] == 300
+    assert report.summary["log"]["uri"].startswith("s3://tuneloop/monitor-")
+    config.deployment.prediction_log_uri = "s3://no-such-bucket/log"
+    with pytest.raises(ConfigError, match="bucket 'no-such-bucket'"):
+        check(config, reference)
