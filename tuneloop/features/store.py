@@ -171,7 +171,8 @@ def check_redis(connection: str) -> None:
 
     nodes, params = RedisOnlineStore._parse_connection_string(connection)
     node = nodes[0] if nodes else {"host": "localhost", "port": 6379}
-    client = redis.Redis(host=node["host"], port=int(node.get("port", 6379)), **params,
+    known = {key: params[key] for key in ("password", "username", "db", "ssl") if key in params}
+    client = redis.Redis(host=node["host"], port=int(node.get("port", 6379)), **known,
                          socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=CONNECT_TIMEOUT_S)
     try:
         client.ping()
