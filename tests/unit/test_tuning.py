@@ -1,6 +1,5 @@
 """Hyperparameter search: Optuna TPE over real tiny fine-tuning runs, pruning, shared storage."""
 
-from __future__ import annotations
 
 import json
 
@@ -105,3 +104,31 @@ def test_cli_tune_prints_the_best_parameters(tmp_path, tiny_checkpoint, tiny_dat
     assert "study 'clitest-tuning'" in result.output and "1 trials, 1 completed" in result.output
     assert "best validation macro-F1" in result.output and '"learning_rate"' in result.output
     assert "recorded in the registry as run" in result.output
+
+
+def test_search_components_compile_under_parallel_for(tmp_path):
+    """Trial workers fan out with ParallelFor; the best config feeds the final finetune."""
+    from kfp import compiler, dsl
+
+    from components.training import finetune
+    from components.tuning import best_parameters, search_trials
+
+    @dsl.pipeline(name="search-then-train")
+    def search_then_train(config_json: str, dataset_uri: str = "s3://b/dataset.parquet"):
+        dataset = dsl.importer(artifact_uri=dataset_uri, artifact_class=dsl.Dataset)
+        with dsl.ParallelFor(items=[0, 1, 2], parallelism=3, name="trial-workers") as worker:
+            workers = search_trials(config_json=config_json, dataset=dataset.output, worker=worker)
+        best = best_parameters(config_json=config_json, dataset=dataset.output).after(workers)
+        finetune(config_json=best.outputs["best_config_json"], dataset=dataset.output,
+                 pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, task_name=dsl.PIPELINE_TASK_NAME_PLACEHOLDER)
+
+    output = tmp_path / "search.yaml"
+    compiler.Compiler().compile(search_then_train, str(output))
+    import yaml
+
+    spec = yaml.safe_load(output.read_text())
+    tasks = spec["root"]["dag"]["tasks"]
+    (loop,) = [task for task in tasks.values() if "parameterIterator" in task]
+    assert loop["parameterIterator"]["items"]["raw"] == "[0, 1, 2]" and loop["iteratorPolicy"]["parallelismLimit"] == 3
+    assert tasks["finetune"]["inputs"]["parameters"]["config_json"]["taskOutputParameter"] == {
+        "outputParameterKey": "best_config_json", "producerTask": "best-parameters"}
