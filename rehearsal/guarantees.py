@@ -98,7 +98,7 @@ def training_registers_and_deploys(rehearsal: Rehearsal) -> Outcome:
             pipeline(config_json=config.to_json())
     except RuntimeError as error:
         failed = [pod for pod in world.cluster.pods if pod.name.startswith("task-") and pod.returncode != 0]
-        where = f"; {failed[-1].name} log tail: {failed[-1].tail(3)}" if failed else ""
+        where = f"; {failed[-1].name}: {_error_line(failed[-1].log)}" if failed else ""
         return Outcome(name, False, f"pipeline failed after {time.monotonic() - started:.0f}s: "
                                     f"{str(error).splitlines()[0][:200]}{where}")
     champion = rehearsal.alias_version("champion")
@@ -112,6 +112,13 @@ def training_registers_and_deploys(rehearsal: Rehearsal) -> Outcome:
     return Outcome(name, True, f"{len(tasks)} task pods ({', '.join(tasks)}) in {time.monotonic() - started:.0f}s; "
                                f"champion = version {champion} of run {rehearsal.pipeline_run}; "
                                f"{artifacts} MLflow artifacts in s3://tuneloop-mlflow")
+
+
+def _error_line(log: str) -> str:
+    """The last ``tuneloop.errors...: message`` line of a pod log (else its last line)."""
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("tuneloop.") and "Error" in line.split(":", 1)[0]]
+    return (errors or lines or ["(empty log)"])[-1][:300]
 
 
 # 2 --------------------------------------------------------------------------------------------------
