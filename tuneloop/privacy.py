@@ -465,3 +465,21 @@ def serving_masker(model_dir, privacy: "PrivacyConfig") -> Callable[[str], str] 
     metadata = read_metadata(model_dir) if (Path(model_dir) / METADATA_FILE).is_file() else {}
     record = metadata.get(TEXT_PRIVACY_KEY)
     return request_masker(record if record is not None else text_privacy_record(privacy))
+
+
+def private_training_frame(frame, config):
+    """The training frame as ``privacy`` wants it: erased ids and texts excluded (the erasure audit log),
+    then ``privacy.training`` applied; the frame's ``attrs`` record :data:`TEXT_PRIVACY_KEY` (Parquet keeps
+    them), which training copies into ``tuneloop.json`` so serving masks requests the same way."""
+    from tuneloop.erasure import exclude_erased
+
+    text_column = config.data.text_column
+    frame, erased = exclude_erased(frame, config)
+    if erased:
+        print(f"[features] excluded {erased} rows erased by tuneloop forget", flush=True)
+    frame, changed = apply_to_training_frame(frame, text_column, config.privacy)
+    if changed:
+        verb = "masked personal data in" if config.privacy.training == "mask" else "dropped"
+        print(f"[features] privacy.training={config.privacy.training}: {verb} {changed} rows", flush=True)
+    frame.attrs[TEXT_PRIVACY_KEY] = text_privacy_record(config.privacy)
+    return frame

@@ -20,6 +20,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_
 from transformers.utils import logging as transformers_logging
 
 from tuneloop.artifacts import read_metadata, write_metadata
+from tuneloop.dp import train_private, with_privacy
 from tuneloop.config import TrainingConfig, TuneloopConfig, resolve_base_model
 from tuneloop.datasets import load_split
 from tuneloop.errors import ConfigError, DataError, ModelError, TrainingError
@@ -158,9 +159,13 @@ def _train_here(config, settings, dataset_path, output_dir, data_fingerprint, pi
             f"{len(train)} train / {len(validation)} validation rows, {settings.epochs} epochs"
             + (f", checkpoints in {store.uri(store.prefix)}" if store else ""))
     started = time.monotonic()
-    result = train_model(model, tokenizer, train_split, validation_split, classes, settings, store=store,
-                         run_identity=identity(settings, classes, len(train), data_fingerprint), on_step=on_step,
-                         on_epoch=on_epoch, log=log)
+    spent = None
+    if settings.privacy.dp:  # DP-SGD (tuneloop.dp): Poisson batches, per-example clipping, noise; no checkpoints
+        result, spent = train_private(model, tokenizer, train_split, validation_split, classes, settings, log=log)
+    else:
+        result = train_model(model, tokenizer, train_split, validation_split, classes, settings, store=store,
+                             run_identity=identity(settings, classes, len(train), data_fingerprint), on_step=on_step,
+                             on_epoch=on_epoch, log=log)
     seconds = time.monotonic() - started
     state = result.state
     best = next(h for h in state.history if h["epoch"] == state.best_epoch)
@@ -170,7 +175,8 @@ def _train_here(config, settings, dataset_path, output_dir, data_fingerprint, pi
     if is_main:
         model.load_state_dict(result.best_weights)
         _save(_merge_adapters(model, settings).to("cpu"), tokenizer, output_dir)
-        write_metadata(output_dir, _metadata(config, settings, summary, data_fingerprint, result.checkpoint))
+        write_metadata(output_dir, with_privacy(_metadata(config, settings, summary, data_fingerprint,
+                                                          result.checkpoint), dataset_path, spent))
         log(f"finetune: done in {seconds:.0f}s ({summary.samples_per_second:.1f} samples/s), best epoch "
             f"{state.best_epoch} validation macro-F1 {best['validation']['macro_f1']:.4f}"
             + (f", resumed from step {state.resumed_from_step}" if state.resumed_from_step else ""))
