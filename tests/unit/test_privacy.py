@@ -309,3 +309,26 @@ def test_a_model_trained_on_masked_text_gets_masked_requests(tmp_path, compresse
     assert answers[0].probabilities["spam"] == pytest.approx(float(expected[1]), abs=1e-6)
     plain, _ = _serve_and_flush(make_config(tmp_path / "plain"), compressed_dir, ["x"])
     assert plain.request_mask is None
+
+
+# --------------------------------------------------------------------------------------------
+# The training frame
+
+
+def test_training_frame_excludes_erased_rows_masks_texts_and_records_the_mode(tmp_path, monkeypatch):
+    from tuneloop import erasure, features
+
+    monkeypatch.delenv("TUNELOOP_PREDICTION_LOG_DIR", raising=False)
+    frame = _frame_with_pii(6)
+    _write(tmp_path, frame)
+    config = make_config(tmp_path, privacy={"training": "mask"})
+    erasure.forget(config, ids=["m00001", "m00002"])
+    # a restored backup brings the erased rows back: the training frame still leaves them out
+    _write(tmp_path, frame)
+    features.run(config, tmp_path / "dataset.parquet")
+    dataset = pd.read_parquet(tmp_path / "dataset.parquet")
+    assert len(dataset) == 118 and not {"m00001", "m00002"} & set(dataset["id"])
+    row = dataset.set_index("id").loc["m00003"]
+    assert row["text"].endswith("mail me at <EMAIL>") and "@" not in "".join(dataset["text"])
+    assert row["char_count"] == len(frame.set_index("id").loc["m00003", "text"])  # statistics of the raw text
+    assert dataset.attrs[privacy.TEXT_PRIVACY_KEY]["training"] == "mask"
