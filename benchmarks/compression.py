@@ -61,8 +61,8 @@ DATA = REPO / "examples" / "sms_spam" / "data"
 BATCH_SIZES = (1, 8, 32)
 QUICK_MODEL = Path(".tuneloop") / "benchmarks" / "minilm-quick"
 TARGETS = {"speedup_batch1": 10.0, "speedup_batch32": 4.0, "size_share": 0.15, "f1_loss_points": 1.0}
-STUDENT_VARIANTS = ["distilled_fp32", "distilled_int8", "distilled_int8_static", "pruned_fp32", "pruned_int8",
-                    "pruned_int8_static"]
+STUDENT_VARIANTS = ["distilled_fp32", "distilled_int8", "distilled_int8_static", "distilled_int8_emb4", "pruned_fp32",
+                    "pruned_int8", "pruned_int8_static", "pruned_int8_emb4"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -267,10 +267,10 @@ class TrainingConfig(StrictModel):
 
 
 COMPRESSION_VARIANTS = Literal[
-    "onnx_fp32", "onnx_fp32_fused", "onnx_int8_dynamic", "onnx_int8_static", "tensorrt_fp16", "tensorrt_int8",
-    "distilled_fp32", "distilled_fp32_fused", "distilled_int8", "distilled_int8_static", "distilled_tensorrt_fp16",
-    "distilled_tensorrt_int8", "pruned_fp32", "pruned_fp32_fused", "pruned_int8", "pruned_int8_static",
-    "pruned_tensorrt_fp16", "pruned_tensorrt_int8",
+    "onnx_fp32", "onnx_fp32_fused", "onnx_int8_dynamic", "onnx_int8_static", "onnx_int8_emb4", "tensorrt_fp16",
+    "tensorrt_int8", "distilled_fp32", "distilled_fp32_fused", "distilled_int8", "distilled_int8_static",
+    "distilled_int8_emb4", "distilled_tensorrt_fp16", "distilled_tensorrt_int8", "pruned_fp32", "pruned_fp32_fused",
+    "pruned_int8", "pruned_int8_static", "pruned_int8_emb4", "pruned_tensorrt_fp16", "pruned_tensorrt_int8",
 ]
 """Teacher variants, then each student's (``<distilled|pruned>_<recipe>``; ``int8`` is dynamic int8)."""
 
@@ -326,7 +326,8 @@ class CompressionConfig(StrictModel):
     """
 
     variants: list[COMPRESSION_VARIANTS] = Field(
-        ["onnx_fp32", "onnx_fp32_fused", "onnx_int8_dynamic", "onnx_int8_static", "tensorrt_fp16", "tensorrt_int8"],
+        ["onnx_fp32", "onnx_fp32_fused", "onnx_int8_dynamic", "onnx_int8_static", "onnx_int8_emb4", "tensorrt_fp16",
+         "tensorrt_int8"],
         description="Candidate variants to build and measure (TensorRT ones only where CUDA + TensorRT exist).",
     )
     quantize: Literal["int8_dynamic", "none"] | None = Field(

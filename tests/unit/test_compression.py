@@ -18,6 +18,7 @@ from tuneloop.compression import (
     ONNX_FP32,
     ONNX_FP32_FUSED,
     ONNX_INT8_DYNAMIC,
+    ONNX_INT8_EMB4,
     ONNX_INT8_STATIC,
     TENSORRT_FP16,
     TENSORRT_INT8,
@@ -158,8 +159,8 @@ def test_compressed_directory_honours_the_contract(model_dir, tiny_dataset, tmp_
     assert set(classifier.predict(TEXTS)) <= {"ham", "spam"}
 
 
-@pytest.mark.parametrize("name", [ONNX_FP32_FUSED, ONNX_INT8_STATIC])
-def test_fused_and_static_variants_honour_the_contract(name, model_dir, tiny_dataset, tmp_path, favour):
+@pytest.mark.parametrize("name", [ONNX_FP32_FUSED, ONNX_INT8_STATIC, ONNX_INT8_EMB4])
+def test_fused_static_and_emb4_variants_honour_the_contract(name, model_dir, tiny_dataset, tmp_path, favour):
     favour(name)
     output = tmp_path / "compressed"
     summary = compression.run(compression_config(tmp_path, variants=[name], max_f1_loss_points=100),
@@ -181,6 +182,14 @@ def test_fused_and_static_variants_honour_the_contract(name, model_dir, tiny_dat
         assert recipe["model_type"] == "bert" and (recipe["num_heads"], recipe["hidden_size"]) == (2, 32)
         assert recipe["fused_operators"].get("Attention", 0) == 2  # one per layer of the tiny BERT
         np.testing.assert_allclose(probabilities, expected, atol=1e-4)
+    elif name == ONNX_INT8_EMB4:
+        import onnx
+
+        assert metadata["precision"] == "int8" and recipe["embeddings"]["bits"] == 4
+        operators = {node.op_type for node in onnx.load(str(output / "model.onnx")).graph.node}
+        assert {"GatherBlockQuantized", "MatMulInteger"} <= operators
+        assert metadata["variants"][name]["size_bytes"] < 0.3 * metadata["variants"][ONNX_FP32]["size_bytes"]
+        np.testing.assert_allclose(probabilities, expected, atol=0.05)
     else:
         validation_rows = len(load_split(tiny_dataset, "validation"))
         assert metadata["precision"] == "int8" and metadata["quantization"]["method"] == "int8_static"
@@ -238,7 +247,7 @@ def test_variants_config_and_the_older_quantize_switch():
     legacy = parse_config({**MINIMAL, "compression": {"quantize": "int8_dynamic"}}, source="t").compression
     assert legacy.candidates() == default.candidates()
     off = parse_config({**MINIMAL, "compression": {"quantize": "none"}}, source="t")
-    assert off.compression.candidates() == [ONNX_FP32, ONNX_FP32_FUSED, TENSORRT_FP16]
+    assert off.compression.candidates() == [ONNX_FP32, ONNX_FP32_FUSED, TENSORRT_FP16]  # int8_emb4 is int8 too
     assert type(off).from_json(off.to_json()) == off
     with pytest.raises(ConfigError, match="quantize: none contradicts"):
         parse_config({**MINIMAL, "compression": {"quantize": "none", "variants": [ONNX_INT8_STATIC]}}, source="t")

@@ -13,11 +13,13 @@ that export the stage builds the candidates that ``compression.variants`` lists 
 - ``onnx_int8_static``: QDQ int8 (uint8 activations, per-channel int8 weights, weight ``MatMul``\\s
   and ``Gather``), MinMax-calibrated on ``compression.calibration_rows`` validation texts (capped at
   the split, with a recorded note), one text per calibration run so no padding enters the ranges.
+- ``onnx_int8_emb4``: dynamic int8 dense layers with 4-bit block-quantized embedding tables
+  (``GatherBlockQuantized``): the table is half of MiniLM-L6's weights.
 - ``tensorrt_fp16``, ``tensorrt_int8``: TensorRT engines (:mod:`tuneloop.tensorrt_engine`), built
   only where a CUDA device and TensorRT are present and ``deployment.device`` is ``cuda``.
 
 Smaller students, each exported and given the same recipes (``<student>_fp32``, ``_fp32_fused``,
-``_int8`` = dynamic int8, ``_int8_static``, ``_tensorrt_fp16``, ``_tensorrt_int8``):
+``_int8`` = dynamic int8, ``_int8_static``, ``_int8_emb4``, ``_tensorrt_fp16``, ``_tensorrt_int8``):
 
 - ``distilled_*`` (:mod:`.distillation`): fewer encoder layers initialised from the teacher's,
   trained on the train split with the teacher's temperature-scaled soft targets mixed with the
@@ -76,6 +78,7 @@ from tuneloop.compression.variants import (
     ONNX_FP32_FUSED,
     ONNX_INT8,
     ONNX_INT8_DYNAMIC,
+    ONNX_INT8_EMB4,
     ONNX_INT8_STATIC,
     TENSORRT_FP16,
     TENSORRT_INT8,
@@ -89,10 +92,10 @@ from tuneloop.compression.variants import (
 
 __all__ = [
     "CPU_VARIANTS", "FP32_FILE", "INT8_FILE", "ONNX_FP32", "ONNX_FP32_FUSED", "ONNX_INT8", "ONNX_INT8_DYNAMIC",
-    "ONNX_INT8_STATIC", "QUANTIZED_OP_TYPES", "SCORING_BATCH_SIZE", "SELECTION_RULE", "SELECTION_TIE_MARGIN",
-    "TENSORRT_FP16", "TENSORRT_INT8", "TENSORRT_VARIANTS", "TORCH_FP32", "VARIANTS", "VARIANT_FILES",
-    "VARIANT_PRECISION", "Candidate", "CompressionSummary", "Selection", "build_candidates", "calibration_sample",
-    "checkpoint_size", "choose_variant", "eligible_variants", "export_onnx", "fuse_transformer_graph",
-    "load_candidate", "measure_latencies", "measure_latency", "quantize_int8", "quantize_int8_static", "run",
-    "score_variant",
+    "ONNX_INT8_EMB4", "ONNX_INT8_STATIC", "QUANTIZED_OP_TYPES", "SCORING_BATCH_SIZE", "SELECTION_RULE",
+    "SELECTION_TIE_MARGIN", "TENSORRT_FP16", "TENSORRT_INT8", "TENSORRT_VARIANTS", "TORCH_FP32", "VARIANTS",
+    "VARIANT_FILES", "VARIANT_PRECISION", "Candidate", "CompressionSummary", "Selection", "build_candidates",
+    "calibration_sample", "checkpoint_size", "choose_variant", "eligible_variants", "export_onnx",
+    "fuse_transformer_graph", "load_candidate", "measure_latencies", "measure_latency", "quantize_int8",
+    "quantize_int8_static", "run", "score_variant",
 ]

@@ -10,10 +10,16 @@ from typing import Any, Callable, Sequence
 from tuneloop import tensorrt_engine
 from tuneloop.compression.common import file_size, first_line, log
 from tuneloop.compression.export import input_names
-from tuneloop.compression.quantize import fuse_transformer_graph, quantize_int8, quantize_int8_static
+from tuneloop.compression.quantize import (
+    fuse_transformer_graph,
+    quantize_int8,
+    quantize_int8_int4_embeddings,
+    quantize_int8_static,
+)
 from tuneloop.compression.variants import (
     ONNX_FP32_FUSED,
     ONNX_INT8_DYNAMIC,
+    ONNX_INT8_EMB4,
     ONNX_INT8_STATIC,
     TEACHER,
     TENSORRT_FP16,
@@ -106,6 +112,7 @@ def _builders(torch_model: TorchClassifier, fp32: Path, calibration_texts: Seque
     return {
         ONNX_FP32_FUSED: lambda out: fuse_transformer_graph(fp32, out, fusion_config),
         ONNX_INT8_DYNAMIC: lambda out: quantize_int8(fp32, out),
+        ONNX_INT8_EMB4: lambda out: quantize_int8_int4_embeddings(fp32, out),
         ONNX_INT8_STATIC: lambda out: quantize_int8_static(
             fp32, out, tokenizer=tokenizer, texts=calibration_texts, input_names=names, max_length=max_length),
         TENSORRT_FP16: lambda out: tensorrt_engine.build_engine(

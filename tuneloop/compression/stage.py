@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 from tuneloop import tensorrt_engine
 from tuneloop.artifacts import read_metadata, write_metadata
+from tuneloop.privacy import TEXT_PRIVACY_KEY
 from tuneloop.compression import build, distillation, measure, pruning
 from tuneloop.compression.choose import SELECTION_RULE, choose_variant, eligible_variants
 from tuneloop.compression.common import STAGE, file_size, log
@@ -176,6 +177,8 @@ def run(
         "text_column": inputs.text_column,
         "label_column": inputs.label_column,
         "source_metrics": source.get("metrics", {}),
+        "privacy": source.get("privacy", {"dp": False}),  # DP-SGD's spent epsilon, for the registry and the gate
+        TEXT_PRIVACY_KEY: source.get(TEXT_PRIVACY_KEY),  # serving masks requests as training masked texts
         "variants": summary.variants,
         "macro_f1_change_points": summary.macro_f1_change_points,
         "latency_speedup": {str(batch): value for batch, value in summary.latency_speedup.items()},

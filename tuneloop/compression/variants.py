@@ -1,10 +1,12 @@
 """The variant names: which model each starts from (teacher, distilled or pruned student), which
-recipe turns it into a file (ONNX fp32, fused, int8 dynamic/static, TensorRT fp16/int8), and which
+recipe turns it into a file (ONNX fp32, fused, int8 dynamic/static, int8 with 4-bit embeddings,
+TensorRT fp16/int8), and which
 device it runs on.
 
 Teacher variants keep their historical names (``onnx_fp32`` ... ``tensorrt_int8``). A student's
 variants are ``<source>_<recipe>``: ``distilled_fp32``, ``distilled_fp32_fused``, ``distilled_int8``
 (dynamic int8, the teacher's ``onnx_int8_dynamic`` recipe), ``distilled_int8_static``,
+``distilled_int8_emb4``,
 ``distilled_tensorrt_fp16``, ``distilled_tensorrt_int8``, and the same with ``pruned_``.
 """
 
@@ -18,13 +20,15 @@ ONNX_FP32 = "onnx_fp32"
 ONNX_FP32_FUSED = "onnx_fp32_fused"
 ONNX_INT8_DYNAMIC = "onnx_int8_dynamic"
 ONNX_INT8_STATIC = "onnx_int8_static"
+ONNX_INT8_EMB4 = "onnx_int8_emb4"
 TENSORRT_FP16 = "tensorrt_fp16"
 TENSORRT_INT8 = "tensorrt_int8"
 ONNX_INT8 = ONNX_INT8_DYNAMIC
 """The int8 variant of earlier releases (dynamic quantization)."""
 
-RECIPES = (ONNX_FP32, ONNX_FP32_FUSED, ONNX_INT8_DYNAMIC, ONNX_INT8_STATIC, TENSORRT_FP16, TENSORRT_INT8)
-CPU_VARIANTS = (ONNX_FP32, ONNX_FP32_FUSED, ONNX_INT8_DYNAMIC, ONNX_INT8_STATIC)
+RECIPES = (ONNX_FP32, ONNX_FP32_FUSED, ONNX_INT8_DYNAMIC, ONNX_INT8_STATIC, ONNX_INT8_EMB4, TENSORRT_FP16,
+           TENSORRT_INT8)
+CPU_VARIANTS = (ONNX_FP32, ONNX_FP32_FUSED, ONNX_INT8_DYNAMIC, ONNX_INT8_STATIC, ONNX_INT8_EMB4)
 TENSORRT_VARIANTS = (TENSORRT_FP16, TENSORRT_INT8)
 
 TEACHER = "teacher"
@@ -33,15 +37,16 @@ PRUNED = "pruned"
 STUDENT_SOURCES = (DISTILLED, PRUNED)
 STUDENT_RECIPE_SUFFIX = {
     ONNX_FP32: "fp32", ONNX_FP32_FUSED: "fp32_fused", ONNX_INT8_DYNAMIC: "int8", ONNX_INT8_STATIC: "int8_static",
-    TENSORRT_FP16: "tensorrt_fp16", TENSORRT_INT8: "tensorrt_int8",
+    ONNX_INT8_EMB4: "int8_emb4", TENSORRT_FP16: "tensorrt_fp16", TENSORRT_INT8: "tensorrt_int8",
 }
 RECIPE_PRECISION = {
     ONNX_FP32: "fp32", ONNX_FP32_FUSED: "fp32", ONNX_INT8_DYNAMIC: "int8", ONNX_INT8_STATIC: "int8",
-    TENSORRT_FP16: "fp16", TENSORRT_INT8: "int8",
+    ONNX_INT8_EMB4: "int8", TENSORRT_FP16: "fp16", TENSORRT_INT8: "int8",
 }
 RECIPE_FILES = {
     ONNX_FP32: "model_fp32.onnx", ONNX_FP32_FUSED: "model_fp32_fused.onnx",
     ONNX_INT8_DYNAMIC: "model_int8_dynamic.onnx", ONNX_INT8_STATIC: "model_int8_static.onnx",
+    ONNX_INT8_EMB4: "model_int8_emb4.onnx",
     TENSORRT_FP16: "model_fp16.plan", TENSORRT_INT8: "model_int8.plan",
 }
 RUNTIME_DEVICE = {"onnxruntime": "cpu", "tensorrt": "cuda"}
