@@ -67,7 +67,11 @@ def _compression_lines(run: LocalRun) -> list[str]:
         size_mb = variant.get("size_bytes", 0) / 1e6
         f1 = variant.get("macro_f1")
         f1_text = f", validation macro-F1 {f1:.4f}" if isinstance(f1, (int, float)) else ""
-        lines.append(f"  {name:<18} {size_mb:7.1f} MB, {latency}{f1_text}")
+        agreement = variant.get("agreement_with_fp32")
+        f1_text += f", agrees with the teacher on {agreement:.1%}" if isinstance(agreement, (int, float)) else ""
+        built = variant.get("build_seconds")
+        f1_text += f", built in {built:.0f}s" if isinstance(built, (int, float)) and built else ""
+        lines.append(f"  {name:<22} {size_mb:7.1f} MB, {latency}{f1_text}")
     return lines
 
 
