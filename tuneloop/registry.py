@@ -307,6 +307,7 @@ def _lineage_tags(metadata: dict, decision: dict, pipeline_run: str, run_id: str
         f"{TAG_PREFIX}metrics": json.dumps(decision.get("test_metrics", {})),
         f"{TAG_PREFIX}gate": json.dumps({"blessed": decision["blessed"], "checks": decision.get("checks", [])}),
         f"{TAG_PREFIX}dataset_uri": f"runs:/{run_id}/{DATASET_ARTIFACT}",
+        f"{TAG_PREFIX}privacy": json.dumps(metadata.get("privacy") or {"dp": False}),
     }
 
 
@@ -416,6 +417,7 @@ def _version_row(version, aliases: list[str]) -> dict:
         "pipeline_run": tags.get(PIPELINE_RUN_TAG, ""),
         "created": version.creation_timestamp,
         "trained_on_erased_data": json.loads(tags.get(f"{TAG_PREFIX}trained_on_erased_data", "[]")),
+        "privacy": json.loads(tags.get(f"{TAG_PREFIX}privacy", "{}")),
     }
 
 
