@@ -249,6 +249,9 @@ class TrainingConfig(StrictModel):
         100, ge=1, description="Optimizer steps between checkpoints (unset: only on SIGTERM and at epoch ends)."
     )
     keep_checkpoints: int = Field(2, ge=1, description="Complete checkpoints kept per run and task.")
+    keep_checkpoints_on_success: bool = Field(
+        False, description="Keep the checkpoints once the model is written (default: removed, no longer needed)."
+    )
     processes: int = Field(1, ge=1, description="Data-parallel processes (torchrun DDP: gloo on CPU, NCCL on GPU).")
     backend: Literal["pod", "trainjob"] = Field(
         "pod", description="pod: train inside the finetune step; trainjob: launch a Kubeflow Trainer v2 TrainJob."

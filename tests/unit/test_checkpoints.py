@@ -87,14 +87,18 @@ def test_sigterm_writes_a_checkpoint_and_a_retry_resumes(tmp_path, tiny_checkpoi
         assert torch.equal(weights(tmp_path / "model")[name], value), name
 
 
-def test_checkpoints_hold_only_safetensors_and_json_and_old_ones_are_pruned(tmp_path, tiny_checkpoint, tiny_dataset):
+def test_checkpoints_hold_only_safetensors_and_json_old_ones_are_pruned_all_go_on_success(
+        tmp_path, tiny_checkpoint, tiny_dataset):
     config = config_for(tmp_path, tiny_checkpoint, keep_checkpoints=2)
-    training.run(config, tiny_dataset, tmp_path / "model", pipeline_run=RUN)
+    with pytest.raises(Killed):
+        training.run(config, tiny_dataset, tmp_path / "model", pipeline_run=RUN, on_step=kill_at(17))
     task_dir = tmp_path / "state" / "checkpoints" / RUN / "finetune"
     steps = sorted(path.name for path in task_dir.iterdir())
-    assert steps == ["step-00000016", "step-00000018"]
+    assert steps == ["step-00000012", "step-00000016"]
     suffixes = {path.suffix for path in task_dir.rglob("*") if path.is_file()}
     assert suffixes == {".safetensors", ".json"}
+    training.run(config, tiny_dataset, tmp_path / "model", pipeline_run=RUN)
+    assert not task_dir.exists(), "a finished model makes its checkpoints unnecessary"
 
 
 def test_partial_and_corrupt_checkpoints_are_skipped_with_a_reason(tmp_path, tiny_checkpoint, tiny_dataset):

@@ -19,8 +19,8 @@ def test_two_processes_match_one(tmp_path, tiny_dataset):
     common = {"epochs": 2, "batch_size": 7, "learning_rate": 1e-3, "warmup_ratio": 0.0, "class_weights": "balanced",
               "torch_threads": 1}
     one = training.run(train_config(tmp_path, checkpoint, **common), tiny_dataset, tmp_path / "one")
-    two = training.run(train_config(tmp_path, checkpoint, processes=2, **common), tiny_dataset, tmp_path / "two",
-                       pipeline_run="ddp-run")
+    two = training.run(train_config(tmp_path, checkpoint, processes=2, keep_checkpoints_on_success=True, **common),
+                       tiny_dataset, tmp_path / "two", pipeline_run="ddp-run")
     assert two.processes == 2 and one.processes == 1
     single, parallel = weights(tmp_path / "one"), weights(tmp_path / "two")
     for name in single:

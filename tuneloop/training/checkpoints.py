@@ -108,6 +108,13 @@ class CheckpointStore:
             return checkpoint
         return None
 
+    def clear(self) -> None:
+        """Remove every checkpoint of this run and task (its model is safely written)."""
+        try:
+            self._io(lambda: self.fs.rm(self.prefix, recursive=True), "remove checkpoints", self.prefix)
+        except FileNotFoundError:
+            pass
+
     def _steps(self) -> list[tuple[int, str]]:
         try:
             entries = self._io(lambda: self.fs.ls(self.prefix, detail=False), "list checkpoints", self.prefix)

@@ -177,6 +177,8 @@ def _train_here(config, settings, dataset_path, output_dir, data_fingerprint, pi
         _save(_merge_adapters(model, settings).to("cpu"), tokenizer, output_dir)
         write_metadata(output_dir, with_privacy(_metadata(config, settings, summary, data_fingerprint,
                                                           result.checkpoint), dataset_path, spent))
+        if store is not None and not settings.keep_checkpoints_on_success:
+            store.clear()  # the model is written: a retry or a local resume reuses it, not the checkpoints
         log(f"finetune: done in {seconds:.0f}s ({summary.samples_per_second:.1f} samples/s), best epoch "
             f"{state.best_epoch} validation macro-F1 {best['validation']['macro_f1']:.4f}"
             + (f", resumed from step {state.resumed_from_step}" if state.resumed_from_step else ""))
