@@ -62,9 +62,9 @@ SINK_MODES = ("mask", "pseudonymise", "drop_text", "raw")
 _EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9][A-Za-z0-9._%+-]*@(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.)+"
                     r"[A-Za-z]{2,24}(?![\w-])")
 _URL = re.compile(r"(?i)\b(?:https?://|www\.)[^\s<>\"']+")
-_CARD = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
+_CARD = re.compile(r"(?<![\d+-])\d(?:[ -]?\d){12,18}(?![\d-])")
 _IBAN = re.compile(r"(?i)\b[A-Z]{2}\d{2}(?:[ ]?[A-Z0-9]){11,30}\b")
-_IPV4 = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?![\d.]|\.\d)")
+_IPV4 = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?!\d|\.\d)")
 _IPV6 = re.compile(r"(?i)(?<![\w:])(?:[0-9a-f]{0,4}:){2,7}(?:[0-9a-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?(?![\w:])")
 _DIGITS = re.compile(r"\d")
 _URL_TRAILING = ".,;:!?)]}'\""
@@ -144,9 +144,22 @@ def _ibans(text: str) -> Iterable[PiiMatch]:
 
 def _cards(text: str) -> Iterable[PiiMatch]:
     for found in _CARD.finditer(text):
-        digits = re.sub(r"[ -]", "", found.group())
-        if 13 <= len(digits) <= 19 and luhn_valid(digits) and len(set(digits)) > 1:
-            yield PiiMatch("card", found.start(), found.end(), digits)
+        match = _card_in(found.group(), found.start())
+        if match is not None:
+            yield match
+
+
+def _card_in(candidate: str, offset: int) -> PiiMatch | None:
+    """The card number in a run of digit groups: the whole run, else the longest run of whole groups
+    that passes (a number glued to the digits before it, ``order 2 4111 1111 1111 1111``)."""
+    groups = [(piece.start(), piece.end()) for piece in re.finditer(r"\d+", candidate)]
+    for size in range(len(groups), 0, -1):
+        for first in range(len(groups) - size + 1):
+            start, end = groups[first][0], groups[first + size - 1][1]
+            digits = re.sub(r"[ -]", "", candidate[start:end])
+            if 13 <= len(digits) <= 19 and len(set(digits)) > 1 and luhn_valid(digits):
+                return PiiMatch("card", offset + start, offset + end, digits)
+    return None
 
 
 def _ips(text: str) -> Iterable[PiiMatch]:
