@@ -12,7 +12,9 @@ run eagerly in torch fp32, or a Compressed Model whose ``tuneloop.json`` names i
 
 Every classifier tokenises with the directory's own tokenizer, truncates to the recorded
 ``max_length`` and pads each batch dynamically (to its longest text, batches formed from texts of
-similar length), and returns softmax probabilities in the order of ``labels``.
+similar length), and returns softmax probabilities in the order of ``labels``. Every runtime divides
+the logits by the ``temperature`` that ``tuneloop.json`` records (fitted on validation by the gate,
+:mod:`tuneloop.calibration`; absent: 1.0), so a served confidence is a calibrated one.
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ class BaseClassifier(abc.ABC):
     """Shared batching, softmax and argmax; subclasses implement :meth:`_logits` for one batch."""
 
     runtime = "base"
+    temperature = 1.0
+    """Softmax temperature (temperature scaling); :func:`load_classifier` sets the recorded one."""
 
     def __init__(self, directory: Path, tokenizer: Any, labels: list[str], max_length: int) -> None:
         self.directory = directory
@@ -94,7 +98,7 @@ class BaseClassifier(abc.ABC):
         for start in range(0, len(clean), batch_size):
             rows = order[start : start + batch_size]
             logits = np.asarray(self._logits([clean[i] for i in rows]), dtype=np.float32)
-            probabilities[rows] = softmax(logits)
+            probabilities[rows] = softmax(logits / self.temperature if self.temperature != 1.0 else logits)
         return probabilities
 
     def predict(self, texts: Sequence[str], batch_size: int = 32) -> list[str]:
@@ -243,18 +247,27 @@ def load_classifier(directory: str | Path) -> Classifier:
     runtime = metadata.get("runtime")
     if runtime is None and metadata.get("kind") == "model":
         runtime = "torch"
-    if runtime == "onnxruntime":
-        return OnnxClassifier(directory)
-    if runtime == "torch":
-        return TorchClassifier(directory)
-    if runtime == "tensorrt":
-        return _tensorrt_classifier(directory)
+    if runtime in RUNTIMES:
+        classifier = {"onnxruntime": OnnxClassifier, "torch": TorchClassifier,
+                      "tensorrt": _tensorrt_classifier}[runtime](directory)
+        classifier.temperature = _temperature(directory, metadata)
+        return classifier
     raise ModelError(
         f"{directory / METADATA_FILE}: unknown runtime {runtime!r} (kind {metadata.get('kind')!r}); "
         f"expected one of {', '.join(RUNTIMES)}",
         path=str(directory / METADATA_FILE),
         field="runtime",
     )
+
+
+def _temperature(directory: Path, metadata: dict[str, Any]) -> float:
+    from tuneloop.calibration import metadata_temperature
+
+    where = directory / METADATA_FILE
+    try:
+        return metadata_temperature(metadata, where=str(where))
+    except ValueError as error:
+        raise ModelError(str(error), path=str(where), field="temperature") from None
 
 
 def _tensorrt_classifier(directory: Path) -> Classifier:

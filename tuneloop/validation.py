@@ -6,7 +6,9 @@ text of its id). The joined frame is checked by a GX 1.x suite that reads like a
 - schema: required columns exist
 - every label has a text
 - no empty text (empty, whitespace-only or null texts at most ``max_empty_text_share`` of rows)
-- text length bounds (``min_text_length`` .. ``max_text_length``, empty texts left to the rule above)
+- text length bounds (``min_text_length`` .. ``max_text_length``, empty texts left to the rule above;
+  without ``max_text_length`` long texts are a reported statistic, ``text_lengths``, not a failure:
+  the model truncates to ``training.max_length`` tokens anyway)
 - labels from the known set (``data.classes``)
 - unique ids
 - at least ``min_rows`` rows
@@ -307,10 +309,21 @@ def _explain_length(result: dict, kwargs: dict, facts: dict) -> tuple[Any, list,
     count, bounds = result.get("unexpected_count", 0), facts["config"].validation
     lengths = sorted({len(str(value)) for value in result.get("unexpected_list") or []})
     shown: list[Any] = lengths if len(lengths) <= MAX_EXAMPLES else [*lengths[:5], "...", *lengths[-5:]]
+    upper = bounds.max_text_length if bounds.max_text_length is not None else "any"
     return count, _rows(result), (
         f"{count} of {result.get('element_count', 0)} {kwargs['column']!r} values are not "
-        f"{bounds.min_text_length}..{bounds.max_text_length} characters long (lengths {shown})"
+        f"{bounds.min_text_length}..{upper} characters long (lengths {shown})"
     )
+
+
+def text_length_statistics(texts: pd.Series) -> dict[str, Any]:
+    """Character lengths of the texts: quantiles and maximum, reported whether or not a bound is set."""
+    lengths = texts.fillna("").astype(str).str.len()
+    if lengths.empty:
+        return {"rows": 0}
+    quantiles = lengths.quantile([0.5, 0.95, 0.99]).round().astype(int).tolist()
+    return {"rows": int(len(lengths)), "min": int(lengths.min()), "median": quantiles[0], "p95": quantiles[1],
+            "p99": quantiles[2], "max": int(lengths.max())}
 
 
 def _explain_known(result: dict, kwargs: dict, facts: dict) -> tuple[Any, list, str]:
@@ -432,6 +445,7 @@ def render_html(result: dict) -> str:
         "expectations passed": f"{passed} of {len(checks)}",
         "rows": result.get("rows"),
         "rows per class": json.dumps(result.get("class_counts", {})),
+        "text lengths (characters)": json.dumps(result["text_lengths"]) if result.get("text_lengths") else None,
         "fingerprint": result.get("fingerprint"),
         "texts": result.get("texts"),
         "labels": result.get("labels"),
@@ -519,7 +533,8 @@ def run(config: TuneloopConfig, report_html: str | Path, result_json: str | Path
     checks.extend(_pii_checks(pii, config))
     failures = [check.failure or check.reason for check in checks if not check.success]
     result = {"success": not failures, "rows": len(frame), "class_counts": counts, "fingerprint": fingerprint,
-              "expectations": [asdict(check) for check in checks], "pii": pii, **_sources(config)}
+              "expectations": [asdict(check) for check in checks], "pii": pii,
+              "text_lengths": text_length_statistics(frame[config.data.text_column]), **_sources(config)}
     _write_outputs(result, report_html, result_json)
     _log(f"{len(checks) - len(failures)} of {len(checks)} expectations passed; report {report_html}")
     if failures:
