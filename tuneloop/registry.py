@@ -194,6 +194,7 @@ def _log_run(mlflow, config, run, compressed_dir, dataset_path, metadata, decisi
     steps += [
         ("logging params", lambda: mlflow.log_batch(run_id, params=_params(metadata))),
         ("uploading the model files", lambda: mlflow.log_artifacts(run_id, str(compressed_dir), artifact_path="model")),
+        *_calibration_steps(mlflow, run_id, metadata, decision),
         ("uploading the training frame", lambda: _log_dataset(mlflow, run_id, dataset_path)),
         ("uploading the gate decision", lambda: mlflow.log_text(run_id, json.dumps(decision, indent=2), "gate.json")),
         ("checking the training frame landed", lambda: _require_dataset_artifact(mlflow, run_id)),
@@ -207,6 +208,19 @@ def _log_run(mlflow, config, run, compressed_dir, dataset_path, metadata, decisi
         except Exception as error:
             raise RegistryError(f"could not log the model run to MLflow ({action}): {scrub(first_line(error))}",
                                 stage="registry") from error
+
+
+def _calibration_steps(mlflow, run_id: str, metadata: dict, decision: dict) -> list[tuple[str, Callable[[], Any]]]:
+    """Write the gate's temperature into the registered ``model/tuneloop.json``: every runtime applies it."""
+    from tuneloop.artifacts import METADATA_FILE
+    from tuneloop.calibration import calibrated_metadata
+
+    calibrated = calibrated_metadata(metadata, decision)
+    if calibrated is None:
+        return []
+    text = json.dumps(calibrated, indent=2, sort_keys=True, default=str)
+    return [(f"recording temperature {calibrated['temperature']} in model/{METADATA_FILE}",
+             lambda: mlflow.log_text(run_id, text, f"model/{METADATA_FILE}"))]
 
 
 def _params(metadata: dict):
@@ -308,6 +322,11 @@ def _lineage_tags(metadata: dict, decision: dict, pipeline_run: str, run_id: str
         f"{TAG_PREFIX}gate": json.dumps({"blessed": decision["blessed"], "checks": decision.get("checks", [])}),
         f"{TAG_PREFIX}dataset_uri": f"runs:/{run_id}/{DATASET_ARTIFACT}",
         f"{TAG_PREFIX}privacy": json.dumps(metadata.get("privacy") or {"dp": False}),
+        f"{TAG_PREFIX}gate_intervals": json.dumps({
+            check["name"]: {key: check.get(key) for key in ("value", "low", "high", "confidence", "status")}
+            for check in decision.get("checks", []) if check.get("low") is not None}),
+        f"{TAG_PREFIX}calibration": json.dumps(decision.get("calibration") or {}),
+        f"{TAG_PREFIX}slices": json.dumps(decision.get("slices") or []),
     }
 
 
