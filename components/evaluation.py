@@ -20,11 +20,16 @@ def evaluate(
 ) -> NamedTuple("EvaluationOutputs", blessed=bool):
     """Score the compressed model on the test split and decide whether it is blessed.
 
-    Checks: the configured thresholds, the macro-F1 compression cost against the uncompressed
-    model, and the drop against the current champion on the same test rows. Fails closed: no
-    thresholds, a champion that cannot be scored, or any other error while deciding means not
-    blessed. An outage is not a verdict: when MLflow or the object store cannot be reached the step
-    fails with a retryable error (no decision, no "model rejected" alert) and KFP retries it.
+    Checks, each decided on an interval at ``evaluation.confidence`` (paired bootstrap; McNemar for
+    accuracy): optional absolute thresholds, the macro-F1 compression cost against the uncompressed
+    model, the drop against the current champion on the same test rows (non-inferiority) or, for the
+    first model, the gain over a TF-IDF + logistic regression baseline, and optional per-slice gates.
+    A check the test set is too small to decide follows ``evaluation.when_undecided``. Every check's
+    value and interval (``<check>``, ``<check>_low``, ``<check>_high``), the slice table and the
+    expected calibration error are logged as metrics. Fails closed: nothing to decide on, a champion
+    that cannot be scored, or any other error while deciding means not blessed. An outage is not a
+    verdict: when MLflow or the object store cannot be reached the step fails with a retryable error
+    (no decision, no "model rejected" alert) and KFP retries it.
     """
     from collections import namedtuple
 
@@ -39,6 +44,8 @@ def evaluate(
     for label, scores in result.metrics.get("per_class", {}).items():
         metrics.log_metric(f"test_precision_{label}", scores["precision"])
         metrics.log_metric(f"test_recall_{label}", scores["recall"])
+    for name, value in evaluation.metric_values(result).items():
+        metrics.log_metric(name, value)
     if "confusion_matrix" in result.metrics:
         classification.log_confusion_matrix(result.metrics["labels"], result.metrics["confusion_matrix"])
     return namedtuple("EvaluationOutputs", ["blessed"])(result.blessed)

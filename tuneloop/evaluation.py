@@ -45,7 +45,7 @@ from tuneloop.registry import ChampionModel, as_outage, scrub
 from tuneloop.runtime import load_classifier
 from tuneloop.slices import SliceResult, define_slices, evaluate_slices
 
-__all__ = ["Check", "EvaluationResult", "ScoredRows", "run", "read_decision", "pair_rows"]
+__all__ = ["Check", "EvaluationResult", "ScoredRows", "run", "read_decision", "pair_rows", "metric_values"]
 
 
 @dataclass
@@ -353,6 +353,37 @@ def _validation_split(dataset_path):
         if "has no rows in split" not in str(error):
             raise
         return None
+
+
+def metric_values(result: EvaluationResult) -> dict[str, float]:
+    """Numbers for KFP ``Metrics``: each check's value and interval, each slice's, and calibration.
+
+    Names keep to letters, digits and ``_`` (slice names are sanitised), so every UI shows them.
+    """
+    values: dict[str, float] = {}
+    for check in result.checks:
+        if isinstance(check.value, (int, float)) and not isinstance(check.value, bool):
+            key = _metric_name(f"gate_{check.name}")
+            values[key] = float(check.value)
+            if check.low is not None and check.high is not None:
+                values[f"{key}_low"], values[f"{key}_high"] = float(check.low), float(check.high)
+    for piece in result.slices:
+        key = _metric_name(f"slice_{piece.name}")
+        values[f"{key}_rows"] = float(piece.rows)
+        if piece.macro_f1 is not None:
+            values[f"{key}_macro_f1"] = float(piece.macro_f1)
+            values[f"{key}_macro_f1_low"], values[f"{key}_macro_f1_high"] = float(piece.low), float(piece.high)
+    for name in ("ece", "ece_calibrated", "temperature"):
+        value = (result.calibration or {}).get(name)
+        if isinstance(value, (int, float)):
+            values[f"test_{name}" if name != "temperature" else name] = float(value)
+    return values
+
+
+def _metric_name(text: str) -> str:
+    import re
+
+    return re.sub(r"_+", "_", re.sub(r"[^A-Za-z0-9_]", "_", text)).strip("_")
 
 
 def _write_decision(decision_path: str | Path, result: EvaluationResult) -> None:

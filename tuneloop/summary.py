@@ -36,6 +36,9 @@ def _data_lines(run: LocalRun) -> list[str]:
     result = _read_json(run.task_output("validate-data", "result")) or {}
     lines = [f"data: {result.get('rows', '?')} rows validated, all expectations passed "
              f"(report: {run.task_output('validate-data', 'report')})"]
+    lengths = result.get("text_lengths") or {}
+    if lengths.get("rows"):
+        lines.append(f"text lengths: median {lengths['median']}, p99 {lengths['p99']}, max {lengths['max']} characters")
     dataset = run.task_output("retrieve-features", "dataset")
     if dataset.is_file():
         counts = pd.read_parquet(dataset, columns=[SPLIT_COLUMN])[SPLIT_COLUMN].value_counts()
@@ -77,13 +80,71 @@ def _compression_lines(run: LocalRun) -> list[str]:
 
 def _gate_lines(run: LocalRun) -> list[str]:
     decision = _read_json(run.task_output("evaluate", "decision")) or {"blessed": False, "checks": []}
+    return gate_lines(decision)
+
+
+def gate_lines(decision: dict) -> list[str]:
+    """The gate's lines: each check with its interval, the slice table and calibration."""
     metrics = decision.get("test_metrics", {})
     lines = [f"gate: blessed={decision.get('blessed')} (test accuracy {metrics.get('accuracy', float('nan')):.4f}, "
              f"macro-F1 {metrics.get('macro_f1', float('nan')):.4f} on {metrics.get('rows', '?')} rows)"]
     for check in decision.get("checks", []):
-        mark = "pass" if check.get("passed") else "FAIL"
-        lines.append(f"  [{mark}] {check['name']}: {check['value']} (threshold {check['threshold']})")
+        lines.append(f"  [{_mark(check)}] {check['name']}: {check['value']}{_interval(check)} "
+                     f"(threshold {check['threshold']})")
+        if check.get("status") in ("undecided", "failed", "reported") and check.get("note"):
+            lines.append(f"         {check['note']}")
+    lines += _slice_lines(decision.get("slices") or [])
+    lines += _calibration_lines(decision.get("calibration"))
     return lines
+
+
+def _mark(check: dict) -> str:
+    status = check.get("status")
+    if status == "reported":
+        return "info"
+    if status == "undecided":
+        return "pass*" if check.get("passed") else "UNDECIDED"
+    return "pass" if check.get("passed") else "FAIL"
+
+
+def _interval(check: dict) -> str:
+    if check.get("low") is None or check.get("high") is None:
+        return ""
+    return f" [{check['low']}, {check['high']}] at {check.get('confidence', 0):.0%}"
+
+
+def _slice_lines(slices: list[dict]) -> list[str]:
+    if not slices:
+        return []
+    with_champion = any(piece.get("drop_points") is not None for piece in slices)
+    header = f"  {'slice':<28} {'rows':>6} {'accuracy':>8} {'macro-F1 [interval]':>26}"
+    header += f" {'drop vs champion (points)':>30}" if with_champion else ""
+    lines = ["slices:", header]
+    for piece in slices:
+        if piece.get("macro_f1") is None:
+            lines.append(f"  {piece['name']:<28} {piece['rows']:>6} {'-':>8} {'-':>26}  {piece.get('note', '')}")
+            continue
+        f1 = f"{piece['macro_f1']:.4f} [{piece['low']:.4f}, {piece['high']:.4f}]"
+        line = f"  {piece['name']:<28} {piece['rows']:>6} {piece['accuracy']:>8.4f} {f1:>26}"
+        if with_champion and piece.get("drop_points") is not None:
+            drop = f"{piece['drop_points']:+.2f} [{piece['drop_low']:+.2f}, {piece['drop_high']:+.2f}]"
+            line += f" {drop:>30}"
+        gated = "gated" if piece.get("gated") else ""
+        lines.append(line + (f"  {gated}" if gated else "") + (f"  {piece['note']}" if piece.get("note") else ""))
+    return lines
+
+
+def _calibration_lines(calibration: dict | None) -> list[str]:
+    if not calibration:
+        return []
+    line = f"calibration: test ECE {calibration.get('ece', float('nan')):.4f}"
+    if calibration.get("temperature") is not None:
+        line += (f"; temperature {calibration['temperature']:.3f} fitted on {calibration.get('fitted_on_rows')} "
+                 f"validation rows -> ECE {calibration.get('ece_calibrated', float('nan')):.4f} (served confidences "
+                 f"use it)")
+    elif calibration.get("note"):
+        line += f"; {calibration['note']}"
+    return [line]
 
 
 def _registry_lines(run: LocalRun, versions: list[dict]) -> list[str]:

@@ -290,3 +290,18 @@ def test_champion_whose_files_are_gone_is_a_decision_on_a_real_registry(tmp_path
     assert not result.blessed and result.checks[-1].name == "gate_error"
     assert f"champion version {registered.version}: nothing is stored at" in result.checks[-1].value
     assert read_decision(tmp_path / "d.json")["blessed"] is False
+
+
+def test_the_summary_shows_each_interval_and_the_slice_table(tmp_path, tiny_dataset, classifiers, weak_baseline):
+    from tuneloop.summary import gate_lines
+
+    result = gate(tmp_path, tiny_dataset, thresholds={"macro_f1": 0.5})
+    lines = gate_lines(json.loads((tmp_path / "decision.json").read_text()))
+    text = "\n".join(lines)
+    threshold = result.checks[0]
+    assert f"[pass] test_macro_f1: {threshold.value} [{threshold.low}, {threshold.high}] at 95% (threshold 0.5)" in text
+    assert "[info] accuracy_vs_baseline_points" in text and "McNemar" in text
+    assert "slices:" in lines and any(line.lstrip().startswith("has_url=no") for line in lines)
+    assert any(line.startswith("calibration: test ECE") for line in lines)
+    metrics = evaluation.metric_values(result)
+    assert metrics["gate_test_macro_f1_low"] == threshold.low and metrics["slice_has_url_no_rows"] > 0
