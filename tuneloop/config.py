@@ -64,6 +64,13 @@ class ValidationConfig(StrictModel):
     max_text_length: int | None = Field(None, ge=1, description="Longest text allowed (characters); None: "
                                         "over-long texts are a reported statistic, not a failure.")
     max_empty_text_share: float = Field(0.01, ge=0.0, le=1.0)
+    max_near_duplicate_share: float = Field(
+        0.01, ge=0.0, le=1.0,
+        description="Validation of the trained frame fails when a larger share of its validation and test rows "
+                    "have a near-duplicate (normalised text, MinHash) in the train split.")
+    near_duplicate_similarity: float = Field(
+        0.8, gt=0.0, le=1.0,
+        description="Jaccard similarity of character 5-gram sets from which two normalised texts are near-duplicates.")
 
     @model_validator(mode="after")
     def _length_bounds_ordered(self) -> "ValidationConfig":
@@ -557,7 +564,18 @@ class MonitoringConfig(StrictModel):
     text_content_drift: bool = True
     reference_predictions: Literal["labels", "champion"] = "labels"
     reference_max_rows: int = Field(20_000, ge=100)
-    current_max_rows: int = Field(100_000, ge=100)
+    current_max_rows: int = Field(20_000, ge=100, description="Bounded sample of the window that Evidently and the "
+                                  "embedding signal see; the histogram tier always covers the whole window.")
+    histogram_memory_limit: str = Field("1GB", pattern=r"^[0-9]+(\.[0-9]+)?\s*(KB|MB|GB|KiB|MiB|GiB)$",
+                                        description="DuckDB memory limit of the whole-window histogram tier.")
+    histogram_threads: int | None = Field(None, ge=1, description="DuckDB threads (None: the CPUs this pod may use).")
+    embedding_drift: bool = Field(True, description="MMD drift signal on the served model's sentence embeddings.")
+    embedding_false_alarm_rate: float = Field(
+        0.01, gt=0.0, lt=0.5, description="False-alarm rate the embedding threshold is calibrated to (permutations "
+                                          "of reference data).")
+    embedding_permutations: int = Field(200, ge=20, description="Reference permutations calibrating the threshold.")
+    embedding_max_rows: int = Field(1000, ge=50, description="Current and reference texts embedded per check (sampled).")
+    embedding_drivers: int = Field(10, ge=1, description="Top n-grams and example texts named as drift drivers.")
     min_feedback_rows: int = Field(30, ge=1)
     max_quality_drop_points: float | None = Field(None, ge=0.0, le=100.0)
     trigger: Literal["none", "local", "kubeflow"] = "local"

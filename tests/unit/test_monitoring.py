@@ -287,7 +287,7 @@ def shared_registry(tmp_path_factory) -> str:
 @pytest.fixture
 def two_versions(tmp_path, shared_registry):
     """A config of its own (state, logs) on the shared registry."""
-    return make_config(tmp_path, monitoring={"min_rows": 100},
+    return make_config(tmp_path, monitoring={"min_rows": 100, "embedding_drift": False},  # its model is bytes
                        registry={"model_name": "test-model", "tracking_uri": shared_registry})
 
 

@@ -51,6 +51,9 @@ an error (a failed retraining trigger: 7). The last line printed is always the v
 reached: ``verdict: no drift``, ``verdict: drift detected`` or ``verdict: insufficient data``.
 """
 
+from tuneloop.monitoring.check import (  # noqa: F401
+    check_drift,
+)
 from tuneloop.monitoring.common import (  # noqa: F401
     ALERT_COLUMNS,
     ALERT_KIND,
@@ -72,12 +75,20 @@ from tuneloop.monitoring.common import (  # noqa: F401
     VERDICT_LINES,
     MonitoringError,
 )
-from tuneloop.monitoring.window import (  # noqa: F401
-    CurrentData,
-    Window,
-    load_current,
-    parse_window,
-    with_statistics,
+from tuneloop.monitoring.decision import (  # noqa: F401
+    decide,
+    known_columns,
+)
+from tuneloop.monitoring.drift import (  # noqa: F401
+    feedback_quality,
+    read_feedback_for,
+    run_drift_report,
+)
+from tuneloop.monitoring.loop import (  # noqa: F401
+    MonitorOutcome,
+    drift_alert,
+    monitor,
+    send_drift_alert,
 )
 from tuneloop.monitoring.reference import (  # noqa: F401
     Reference,
@@ -94,23 +105,14 @@ from tuneloop.monitoring.report import (  # noqa: F401
     reports_dir,
     write_json,
 )
-from tuneloop.monitoring.decision import (  # noqa: F401
-    decide,
-    known_columns,
+from tuneloop.monitoring.scan import (  # noqa: F401
+    CurrentData,
+    scan_window,
 )
-from tuneloop.monitoring.drift import (  # noqa: F401
-    feedback_quality,
-    read_feedback_for,
-    run_drift_report,
-)
-from tuneloop.monitoring.check import (  # noqa: F401
-    check_drift,
-)
-from tuneloop.monitoring.loop import (  # noqa: F401
-    MonitorOutcome,
-    drift_alert,
-    monitor,
-    send_drift_alert,
+from tuneloop.monitoring.window import (  # noqa: F401
+    Window,
+    parse_window,
+    with_statistics,
 )
 
 __all__ = [
@@ -144,7 +146,7 @@ __all__ = [
     "drift_alert",
     "feedback_quality",
     "known_columns",
-    "load_current",
+    "scan_window",
     "load_reference",
     "monitor",
     "monitored_version",

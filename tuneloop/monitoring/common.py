@@ -7,6 +7,7 @@ import datetime as dt
 from typing import Any
 
 import pandas as pd
+
 from tuneloop.errors import DataError
 from tuneloop.features import STATISTIC_COLUMNS
 from tuneloop.prediction_log import (

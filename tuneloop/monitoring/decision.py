@@ -1,5 +1,21 @@
-"""The verdict: ``insufficient_data`` below ``monitoring.min_rows``, else ``drift`` or ``no_drift``
-by the configured rules (see :func:`decide`)."""
+"""The verdict: ``insufficient_data`` below ``monitoring.min_rows``, else ``drift`` or ``no_drift``.
+
+**The rule** (:func:`decide`) is ``drift`` when any signal fires:
+
+1. the share of drifted feature columns (statistics, descriptors, raw text; the prediction and the
+   embedding signal excluded) reaches ``monitoring.drift_share``;
+2. a ``monitoring.critical_columns`` column drifts;
+3. the prediction distribution drifts (``monitoring.prediction_drift``);
+4. macro-F1 on feedback labels falls more than ``monitoring.max_quality_drop_points`` below the
+   version's test macro-F1;
+5. the embedding signal fires (``monitoring.embedding_drift``): MMD of the served model's sentence
+   embeddings above its threshold calibrated to ``monitoring.embedding_false_alarm_rate``.
+
+Signals 1-4 are Evidently's (per column: decided on the whole window where the method is binned,
+else on the sample, :mod:`.histograms`); signal 5 catches a small campaign that moves no column's
+marginal distribution far enough. The false alarms of the combined rule are at most those of 1-4
+(unchanged) plus the embedding rate. ``evidently_verdict`` in the report is 1-4 alone: today's rule.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +29,7 @@ from tuneloop.monitoring.common import (
     STAGE,
     _describe,
 )
-from tuneloop.monitoring.window import CurrentData
+from tuneloop.monitoring.scan import CurrentData
 from tuneloop.prediction_log import (
     PREDICTED_LABEL as PREDICTION,
 )
@@ -32,7 +48,7 @@ def _insufficient(config: TuneloopConfig, version: str | None, current: CurrentD
         return f"no prediction log files under {current.log_uri} in the window ({current.window.describe()})"
     if not current.files_read:
         return f"no readable prediction log file under {current.log_uri}: {len(current.files_skipped)} skipped"
-    rows = len(current.frame)
+    rows = current.rows
     if rows == 0 and current.rows_in_window == 0:
         return f"the window ({current.window.describe()}) holds no records in {current.log_uri}"
     if rows < minimum:
@@ -59,8 +75,9 @@ def _check_critical_columns(config: TuneloopConfig) -> None:
         )
 
 
-def decide(config: TuneloopConfig, columns: list[dict], quality: dict | None) -> tuple[str, list[str]]:
-    """The verdict (``drift`` or ``no_drift``) and its reasons, from the config's thresholds."""
+def decide(config: TuneloopConfig, columns: list[dict], quality: dict | None,
+           embedding: dict | None = None) -> tuple[str, list[str]]:
+    """The verdict (``drift`` or ``no_drift``) and its reasons, by the rule in the module docstring."""
     monitoring = config.monitoring
     features = [c for c in columns if c["kind"] != "prediction"]
     drifted = [c for c in features if c["drifted"]]
@@ -81,6 +98,8 @@ def decide(config: TuneloopConfig, columns: list[dict], quality: dict | None) ->
         reasons.append(f"macro-F1 on {quality['rows']} feedback labels is {quality['macro_f1']:.4f}, "
                        f"{quality['macro_f1_drop_points']:.2f} points below the version's test macro-F1 "
                        f"{quality['version_test_macro_f1']:.4f} (limit {limit:g})")
+    if embedding is not None and embedding.get("drifted"):
+        reasons.append(embedding_reason(embedding))
     if reasons:
         return DRIFT, reasons
     note = (f"{len(drifted)} of {len(features)} feature columns drifted ({share:.0%}, threshold "
@@ -88,3 +107,11 @@ def decide(config: TuneloopConfig, columns: list[dict], quality: dict | None) ->
     if drifted:
         note += ": " + ", ".join(_describe(c) for c in drifted)
     return NO_DRIFT, [note]
+
+
+def embedding_reason(embedding: dict) -> str:
+    """The line that says the embedding signal fired and what drives it."""
+    grams = ", ".join(repr(g["ngram"]) for g in (embedding.get("drivers") or {}).get("ngrams", [])[:5])
+    return (f"sentence embeddings drifted: MMD {embedding['score']:.3g} above {embedding['threshold']:.3g} "
+            f"(calibrated to {embedding['false_alarm_rate']:.0%} false alarms on the reference)"
+            + (f"; driven by {grams}" if grams else ""))

@@ -8,6 +8,7 @@ import warnings
 from typing import Any
 
 import pandas as pd
+
 from tuneloop.config import TuneloopConfig
 from tuneloop.features import STATISTIC_COLUMNS
 from tuneloop.monitoring.common import (

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
+
 from tuneloop.config import TuneloopConfig
 from tuneloop.errors import TuneloopError
 from tuneloop.monitoring.check import check_drift

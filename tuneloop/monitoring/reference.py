@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+
 from tuneloop.config import TuneloopConfig
 from tuneloop.errors import DataError, RegistryError
 from tuneloop.monitoring.common import REFERENCE_SEED, STAGE, MonitoringError
@@ -45,6 +46,7 @@ def monitored_version(config: TuneloopConfig) -> str | None:
 
 def _version_tags(config: TuneloopConfig, version: str) -> dict[str, str]:
     from mlflow.exceptions import MlflowException
+
     from tuneloop import registry
 
     mlflow = registry.client(config)

@@ -7,18 +7,10 @@ import re
 from dataclasses import dataclass
 
 import pandas as pd
-from tuneloop.config import TuneloopConfig
+
 from tuneloop.errors import ConfigError
 from tuneloop.features import STATISTIC_COLUMNS, text_statistics
-from tuneloop.monitoring.common import _UNITS, LOG_COLUMNS, STAGE
-from tuneloop.prediction_log import (
-    MODEL_VERSION,
-    PREDICTIONS,
-    TIMESTAMP,
-    check_store,
-    prediction_log_uri,
-    read_log,
-)
+from tuneloop.monitoring.common import _UNITS, STAGE
 
 # --------------------------------------------------------------------------------------------
 # Windows
@@ -53,53 +45,6 @@ def parse_window(spec: str | int) -> Window:
     if not unit:
         return Window(spec=text, records=number)
     return Window(spec=text, duration=dt.timedelta(**{_UNITS[unit]: number}))
-
-
-# --------------------------------------------------------------------------------------------
-# Reading the log
-
-
-@dataclass
-class CurrentData:
-    """The monitored version's records in the window, and what was left out."""
-
-    frame: pd.DataFrame
-    window: Window
-    start: pd.Timestamp | None
-    end: pd.Timestamp
-    log_uri: str
-    files_read: list[str]
-    files_skipped: list[dict]
-    other_versions: dict[str, int]
-    rows_in_window: int
-
-
-def load_current(config: TuneloopConfig, window: Window, version: str | None, *, now: pd.Timestamp) -> CurrentData:
-    """The prediction-log records of ``version`` in ``window`` (oldest first).
-
-    Raises:
-        ConfigError: a pod-local log in a cluster, or a bucket that does not exist.
-        ServiceUnavailableError: the log's store does not answer.
-    """
-    uri = prediction_log_uri(config)
-    check_store(uri)
-    start = now - pd.Timedelta(window.duration) if window.duration else None
-    read = read_log(uri, PREDICTIONS, start=start, end=now, last=window.records,
-                    columns=[*LOG_COLUMNS, *STATISTIC_COLUMNS], required=LOG_COLUMNS,
-                    version=None if version is None else str(version))
-    frame = read.frame
-    rows_in_window = len(frame) + sum(read.other_versions.values())
-    if not frame.empty:
-        frame = frame.copy()
-        frame[MODEL_VERSION] = frame[MODEL_VERSION].astype(str)
-        frame = frame[frame[TIMESTAMP].notna()].sort_values(TIMESTAMP, kind="stable")
-        if window.records:
-            frame = frame.tail(window.records)
-    return CurrentData(
-        frame=frame.reset_index(drop=True), window=window, start=start, end=now, log_uri=uri,
-        files_read=read.files_read, files_skipped=read.files_skipped, other_versions=read.other_versions,
-        rows_in_window=rows_in_window,
-    )
 
 
 def with_statistics(frame: pd.DataFrame, text_column: str) -> pd.DataFrame:
