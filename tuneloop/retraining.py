@@ -169,18 +169,13 @@ def trigger_retraining(
     with ledger.heartbeat(decision.claim_id):
         try:
             run = launch(config, request)
-        except BaseException as error:
+        except Exception as error:  # an interrupt leaves the claim to go stale and be looked up by name
             ledger.release(decision.claim_id)
-            if isinstance(error, TuneloopError):
-                raise RetrainingError(
-                    f"could not start the retraining run for drift report {request.report_id} ({mode}): "
-                    f"{error.message}", stage=STAGE, path=error.path, field=error.field,
-                ) from error
-            if not isinstance(error, Exception):
-                raise
-            raise RetrainingError(  # a launcher's own failure: still one clean error
-                f"could not start the retraining run for drift report {request.report_id} ({mode}): "
-                f"{type(error).__name__}: {error}", stage=STAGE,
+            known = isinstance(error, TuneloopError)
+            why = error.message if known else f"{type(error).__name__}: {error}"
+            raise RetrainingError(
+                f"could not start the retraining run for drift report {request.report_id} ({mode}): {why}",
+                stage=STAGE, path=error.path if known else None, field=error.field if known else None,
             ) from error
     started_at = now.isoformat()
     ledger.record_started(decision.claim_id, run, started_at)

@@ -78,6 +78,7 @@ alert_log = sa.Table(
     sa.Column("claimed_by", sa.String(64), nullable=False, default=""),
     sa.Column("claimed_until", sa.Float, nullable=False, default=0.0),
     sa.Column("delivered_at", sa.String(40), nullable=False, default=""),
+    sa.Index("ix_tuneloop_alerts_spool", "project", "webhook", "seq"),
 )
 """Every alert (the alert log); rows with ``webhook = 'spooled'`` are the spool."""
 

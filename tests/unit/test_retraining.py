@@ -173,6 +173,27 @@ def test_kubeflow_launcher_runs_the_latest_version_named_after_the_report(tmp_pa
     assert retraining.read_ledger(config)[0]["run_name"] == "tuneloop-retrain-drift-20250301T120000Z-abc123"
 
 
+def test_kubeflow_run_lookup_by_name_finds_the_interrupted_trigger(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    config = make_config(tmp_path, monitoring={"trigger": "kubeflow", "kubeflow_host": "http://kfp:8888"})
+    filters = []
+
+    class Client:
+        def list_runs(self, page_size, filter):  # noqa: A002 (kfp's argument name)
+            filters.append(json.loads(filter))
+            return SimpleNamespace(runs=[SimpleNamespace(display_name="tuneloop-retrain-drift-a", run_id="kfp-9")])
+
+    monkeypatch.setattr(kubeflow, "connect", lambda host, namespace=None: Client())
+    retraining.Ledger(config).claim(request("drift-a"), now=NOW, cooldown=dt.timedelta(hours=24), find_run=None)
+    monkeypatch.setattr(retraining, "CLAIM_LEASE_SECONDS", 0.0)
+    monkeypatch.setattr(kubeflow, "run_latest", lambda *a, **k: pytest.fail("must not start a second run"))
+    outcome = retraining.trigger_retraining(config, request("drift-b"), now=NOW + dt.timedelta(hours=1))
+    assert outcome.status == "cooldown" and outcome.run_id == "kfp-9"
+    assert filters[0]["predicates"][0] == {"operation": "EQUALS", "key": "display_name",
+                                           "string_value": "tuneloop-retrain-drift-a"}
+
+
 def test_local_launcher_runs_the_training_pipeline_and_records_the_report(tmp_path, monkeypatch):
     from tuneloop import orchestration
 
