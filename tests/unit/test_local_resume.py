@@ -36,7 +36,8 @@ PIPELINE = textwrap.dedent('''
 
         if (Path(os.environ["RESUME_TEST_DIR"]) / "fail").exists():
             raise RuntimeError("tuneloop.errors.TrainingError: killed during training")
-        Path(model.path).write_text(Path(prepared.path).read_text() + " " + os.environ.get("TUNELOOP_CHECKPOINT_RUN", ""))
+        checkpoint_run = os.environ.get("TUNELOOP_CHECKPOINT_RUN", "")
+        Path(model.path).write_text(Path(prepared.path).read_text() + " " + checkpoint_run)
 
 
     @dsl.pipeline(name="resume-test")

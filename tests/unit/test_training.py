@@ -2,15 +2,17 @@
 
 import json
 
+import numpy as np
 import pytest
+import torch
 from transformers import AutoModelForSequenceClassification
 
 from tests.conftest import make_config
-from tests.unit.training_helpers import train_config
+from tests.unit.training_helpers import tiny_checkpoint_without_dropout, train_config, weights
 from tuneloop import training
 from tuneloop.errors import ConfigError, DataError
-
-
+from tuneloop.training.data import global_batches, rank_share
+from tuneloop.training.loop import class_weight_vector, resolve_precision
 
 
 def test_full_finetune_writes_model_contract(tmp_path, tiny_checkpoint, tiny_dataset):
@@ -54,12 +56,6 @@ def test_overrides_and_bad_inputs(tmp_path, tiny_checkpoint, tiny_dataset):
 
 # --- the loop: accumulation, early stopping, best epoch, class weights, length grouping, precision ----------
 
-import numpy as np
-import torch
-
-from tests.unit.training_helpers import tiny_checkpoint_without_dropout, weights
-from tuneloop.training.data import global_batches, rank_share
-from tuneloop.training.loop import class_weight_vector, resolve_precision
 
 
 @pytest.fixture(scope="module")

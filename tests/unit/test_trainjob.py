@@ -203,7 +203,8 @@ def test_manifest_fits_the_official_trainer_api_and_round_trips(tmp_path, tiny_c
     assert (trainer.num_nodes, trainer.num_proc_per_node) == (2, 4)
     assert trainer.resources_per_node.limits["nvidia.com/gpu"].actual_instance == "4"
     assert trainer.image == "ghcr.io/tuneloop/tuneloop-gpu:0.1.0"
-    pod = parsed.spec.runtime_patches[0].training_runtime_spec.template.spec.replicated_jobs[0].template.spec.template.spec
+    replicated_job = parsed.spec.runtime_patches[0].training_runtime_spec.template.spec.replicated_jobs[0]
+    pod = replicated_job.template.spec.template.spec
     assert pod.node_selector == {"gpu": "a100"} and pod.tolerations[0].key == "nvidia.com/gpu"
     assert "--upload-to" in shlex.join(trainer.args)
 

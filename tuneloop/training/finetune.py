@@ -46,6 +46,7 @@ class TrainingSummary:
     resumed_from_step: int = 0
     processes: int = 1
     precision: str = "fp32"
+    train_seconds: float = 0.0
 
     @property
     def epochs_run(self) -> int:
@@ -53,7 +54,13 @@ class TrainingSummary:
 
     @property
     def samples_per_second(self) -> float:
+        """Training rows per second of the whole loop (validation and checkpoints included)."""
         return self.train_rows * self.epochs_run / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def train_samples_per_second(self) -> float:
+        """Training rows per second of the optimizer steps alone (a resumed run: its own steps only)."""
+        return self.train_rows * self.epochs_run / self.train_seconds if self.train_seconds > 0 else 0.0
 
     def to_metrics(self) -> dict[str, float]:
         """Flat numbers for a KFP ``Metrics`` artifact (per-class F1 included)."""
@@ -80,7 +87,7 @@ class TrainingSummary:
         return cls(run["train_rows"], run["validation_rows"], metadata["training"]["epochs"],
                    metadata["metrics"]["training_seconds"], metadata["device"], metadata["metrics"]["validation"],
                    metadata["metrics"]["history"], metadata["metrics"]["best_epoch"], run["stopped_early"],
-                   run["resumed_from_step"], run["processes"], run["precision"])
+                   run["resumed_from_step"], run["processes"], run["precision"], run.get("train_seconds", 0.0))
 
 
 def run(
@@ -171,7 +178,7 @@ def _train_here(config, settings, dataset_path, output_dir, data_fingerprint, pi
     best = next(h for h in state.history if h["epoch"] == state.best_epoch)
     summary = TrainingSummary(len(train), len(validation), settings.epochs, seconds, device, best["validation"],
                               state.history, state.best_epoch, state.stopped_early, state.resumed_from_step,
-                              result.world_size, result.precision)
+                              result.world_size, result.precision, state.train_seconds)
     if is_main:
         model.load_state_dict(result.best_weights)
         _save(_merge_adapters(model, settings).to("cpu"), tokenizer, output_dir)
@@ -203,7 +210,8 @@ def _metadata(config, settings, summary: TrainingSummary, data_fingerprint: str,
             "run": {"train_rows": summary.train_rows, "validation_rows": summary.validation_rows,
                     "stopped_early": summary.stopped_early, "resumed_from_step": summary.resumed_from_step,
                     "processes": summary.processes, "precision": summary.precision, "last_checkpoint": checkpoint,
-                    "samples_per_second": round(summary.samples_per_second, 2)},
+                    "samples_per_second": round(summary.samples_per_second, 2),
+                    "train_seconds": round(summary.train_seconds, 1)},
         },
         "device": summary.device,
     }

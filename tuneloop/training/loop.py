@@ -56,6 +56,7 @@ class LoopState:
     stale_epochs: int = 0
     stopped_early: bool = False
     resumed_from_step: int = 0
+    train_seconds: float = 0.0  # optimizer steps only: no validation, no checkpoints
 
 
 @dataclass
@@ -131,9 +132,11 @@ def train_model(model, tokenizer, train: EncodedSplit, validation: EncodedSplit,
             model.train()
             while state.step_in_epoch < len(groups):
                 group = groups[state.step_in_epoch]
+                step_started = time.monotonic()
                 loss_sum, rows = _optimizer_step(accelerator, model, optimizer, scheduler, group, collate, weights,
                                                  rank, world, state)
                 totals = _reduce(accelerator, [loss_sum, rows, float(stop.requested)])
+                state.train_seconds += time.monotonic() - step_started
                 state.loss_sum += totals[0]
                 state.loss_rows += int(totals[1])
                 state.step_in_epoch += 1
