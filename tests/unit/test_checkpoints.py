@@ -13,7 +13,6 @@ from tests.unit.training_helpers import train_config, weights
 from tuneloop import training
 from tuneloop.errors import TrainingError
 from tuneloop.training.checkpoints import CheckpointStore
-from tuneloop.training.loop import TrainingInterrupted
 
 RUN = "tuneloop-training-20261201"
 
@@ -79,7 +78,7 @@ def test_sigterm_writes_a_checkpoint_and_a_retry_resumes(tmp_path, tiny_checkpoi
         if step == 6:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    with pytest.raises(TrainingInterrupted, match="SIGTERM at step 6; checkpoint .*step-00000006"):
+    with pytest.raises(TrainingError, match="SIGTERM at step 6; checkpoint .*step-00000006"):
         training.run(config, tiny_dataset, tmp_path / "model", pipeline_run=RUN, on_step=terminate_at_step_6)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
     summary = training.run(config, tiny_dataset, tmp_path / "model", pipeline_run=RUN)

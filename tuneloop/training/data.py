@@ -46,7 +46,8 @@ def encode_split(tokenizer, frame: pd.DataFrame, text_column: str, label_column:
     return EncodedSplit(examples, labels)
 
 
-def global_batches(lengths: np.ndarray, batch_size: int, *, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:
+def global_batches(lengths: np.ndarray, batch_size: int, *, seed: int, epoch: int,
+                   group_by_length: bool) -> list[list[int]]:
     """The epoch's batches of row indices, identical in every process.
 
     With ``group_by_length`` rows are shuffled, sorted by length inside windows of

@@ -64,7 +64,8 @@ class TrainingSummary:
 
     def to_metrics(self) -> dict[str, float]:
         """Flat numbers for a KFP ``Metrics`` artifact (per-class F1 included)."""
-        best = next((h for h in self.history if h["epoch"] == self.best_epoch), self.history[-1] if self.history else {})
+        fallback = self.history[-1] if self.history else {}
+        best = next((h for h in self.history if h["epoch"] == self.best_epoch), fallback)
         metrics = {
             "train_rows": float(self.train_rows),
             "training_seconds": round(self.seconds, 1),
@@ -317,7 +318,8 @@ def _print(line: str) -> None:
     print(line, flush=True)
 
 
-def finetune_step(config: TuneloopConfig, dataset_path: str | Path, output_dir: str | Path, **options) -> TrainingSummary:
+def finetune_step(config: TuneloopConfig, dataset_path: str | Path, output_dir: str | Path,
+                  **options) -> TrainingSummary:
     """What the ``finetune`` component runs: train here (``training.backend: pod``) or launch,
     wait for and read back a Kubeflow Trainer ``TrainJob`` (``trainjob``). Options as in :func:`run`."""
     from tuneloop.local_resume import CHECKPOINT_RUN_ENV

@@ -37,10 +37,6 @@ IDENTITY_FIELDS = ("base_model", "method", "lora", "epochs", "batch_size", "lear
 """Settings that change the trajectory: a checkpoint written under other values is refused."""
 
 
-class TrainingInterrupted(TrainingError):
-    """SIGTERM arrived; a checkpoint was written and a retry resumes from it."""
-
-
 @dataclass
 class LoopState:
     """Where the loop is; saved in every checkpoint (JSON)."""
@@ -155,7 +151,8 @@ def train_model(model, tokenizer, train: EncodedSplit, validation: EncodedSplit,
                     if not saved:
                         checkpoint_uri = _checkpoint(store, accelerator, model, optimizer, scheduler, state, best,
                                                      run_identity)
-                    raise TrainingInterrupted(
+                    # A plain TrainingError: the pipeline runner prints tuneloop.errors lines as the failure.
+                    raise TrainingError(
                         f"training stopped by SIGTERM at step {state.global_step}; "
                         + (f"checkpoint {checkpoint_uri} written, a retry resumes from it" if checkpoint_uri
                            else "no checkpoint store (no pipeline run name), a retry starts over"),
@@ -215,7 +212,8 @@ def _end_epoch(accelerator, model, validation, collate, classes, settings, state
     improved = metrics["macro_f1"] > state.best_macro_f1
     if improved:
         state.best_epoch, state.best_macro_f1, state.stale_epochs = state.epoch, metrics["macro_f1"], 0
-        best = {key: value.detach().cpu().clone() for key, value in accelerator.unwrap_model(model).state_dict().items()}
+        weights = accelerator.unwrap_model(model).state_dict()
+        best = {key: value.detach().cpu().clone() for key, value in weights.items()}
     else:
         state.stale_epochs += 1
     if accelerator.is_main_process:
