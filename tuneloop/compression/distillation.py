@@ -117,8 +117,19 @@ def check_distillable(model: torch.nn.Module, train_rows: int, settings: Any) ->
 
 
 def teacher_logits(teacher: Any, texts: Sequence[str]) -> np.ndarray:
-    """The teacher's logits for every text, in order (``teacher`` is a ``TorchClassifier``)."""
-    out = [teacher._logits(list(texts[i : i + TEACHER_BATCH])) for i in range(0, len(texts), TEACHER_BATCH)]
+    """The teacher's logits for every text, in order (``teacher`` is a ``TorchClassifier``), computed
+    on the GPU where there is one; the teacher goes back to CPU afterwards."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = teacher.model.to(device)
+    out = []
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(texts), TEACHER_BATCH):
+                encoded = teacher.tokenizer(list(texts[start : start + TEACHER_BATCH]), truncation=True,
+                                            max_length=teacher.max_length, padding=True, return_tensors="pt")
+                out.append(model(**encoded.to(device)).logits.float().cpu().numpy())
+    finally:
+        teacher.model.to("cpu")
     return np.concatenate(out, axis=0) if out else np.zeros((0, len(teacher.labels)), dtype=np.float32)
 
 

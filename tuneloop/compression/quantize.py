@@ -231,6 +231,8 @@ def quantize_int8_int4_embeddings(fp32_path: str | Path, out_path: str | Path) -
 
     out_path = Path(out_path)
     embeddings = out_path.with_name(out_path.stem + "_embeddings.onnx")
+    # it warns that it raises the opset to 21 and the IR version to 10 for int4: expected, checked below
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.ERROR)
     try:
         with _quiet_quantizer(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
