@@ -56,6 +56,8 @@ def init(data, text_column, label_column, id_column, timestamp_column, name, dir
     )
     click.echo(f"wrote {summary.config_path}")
     click.echo(f"wrote {summary.texts_path} and {summary.labels_path}: {summary.rows} rows, classes {summary.classes}")
+    for line in summary.choices or []:
+        click.echo(line)
     if summary.dropped_duplicates or summary.dropped_conflicting:
         click.echo(
             f"dropped {summary.dropped_duplicates} duplicate rows and "

@@ -12,6 +12,13 @@ share one id and can never sit on both sides of the train/test split; exact dupl
 dropped and texts seen with two different labels are dropped as ambiguous. Without a timestamp
 column, text *i* (in file order) gets ``2024-01-01T00:00:00Z + i seconds`` and its label becomes
 known one day later, so every label joins its text.
+
+Defaults that fit the data, not a demo: ``init`` measures the texts it reads and writes what it chose
+(:class:`DataDefaults`), with the reason beside each value. ``training.max_length`` covers 95% of
+the texts in tokens of the base model's tokenizer; no ``validation.max_text_length`` is written (long
+texts are a reported statistic, truncated by the model; the longest seen is noted for whoever wants a
+bound); the gate has no absolute threshold: the first model must beat a TF-IDF + logistic
+regression baseline, later ones must not trail the champion, each shown with 95% confidence.
 """
 
 from __future__ import annotations
@@ -41,6 +48,66 @@ class InitSummary:
     classes: list[str]
     dropped_duplicates: int
     dropped_conflicting: int
+    choices: list[str] | None = None
+    """What ``init`` derived from the data, one line each, for the terminal."""
+
+
+@dataclass
+class DataDefaults:
+    """Settings ``init`` derives from the texts it reads."""
+
+    min_text_length: int
+    longest_text: int
+    p99_text_length: int
+    max_length: int
+    token_p95: int | None
+    token_p99: int | None
+    note: str = ""
+
+    def lines(self) -> list[str]:
+        """What was chosen and why, for the terminal."""
+        tokens = (f"95% of the texts fit in {self.token_p95} tokens, 99% in {self.token_p99}"
+                  if self.token_p95 is not None else self.note)
+        return [
+            f"chose training.max_length {self.max_length} ({tokens}; longer texts are truncated)",
+            f"chose no validation.max_text_length: texts are up to {self.longest_text} characters (99% up to "
+            f"{self.p99_text_length}); their lengths are reported, set a bound to fail on longer ones",
+            "chose no absolute evaluation.thresholds: the first model must beat a TF-IDF + logistic regression "
+            "baseline, later ones must not trail the champion by more than 1 macro-F1 point (95% confidence)",
+        ]
+
+
+TOKEN_SAMPLE_ROWS = 5000
+"""Texts tokenised to choose ``training.max_length`` (a random sample of larger files)."""
+MAX_LENGTH_STEP, MAX_LENGTH_RANGE = 32, (32, 512)
+
+
+def derive_defaults(texts: pd.Series, *, base_model: str | None = None) -> DataDefaults:
+    """Text-length settings that fit ``texts``: see the module docstring."""
+    lengths = texts.fillna("").astype(str).str.len()
+    longest = int(lengths.max()) if len(lengths) else 0
+    p99 = int(lengths.quantile(0.99)) if len(lengths) else 0
+    sample = texts.fillna("").astype(str)
+    if len(sample) > TOKEN_SAMPLE_ROWS:
+        sample = sample.sample(n=TOKEN_SAMPLE_ROWS, random_state=0)
+    try:
+        counts = pd.Series(_token_counts(sample.tolist(), base_model))
+    except Exception as error:  # no tokenizer here: fall back to a common length and say so
+        return DataDefaults(1, longest, p99, 128, None, None,
+                            f"the base model's tokenizer could not be loaded ({type(error).__name__}), so 128")
+    p95_tokens, p99_tokens = int(counts.quantile(0.95)), int(counts.quantile(0.99))
+    rounded = MAX_LENGTH_STEP * -(-p95_tokens // MAX_LENGTH_STEP)
+    max_length = min(max(rounded, MAX_LENGTH_RANGE[0]), MAX_LENGTH_RANGE[1])
+    return DataDefaults(1, longest, p99, max_length, p95_tokens, p99_tokens)
+
+
+def _token_counts(texts: list[str], base_model: str | None) -> list[int]:
+    from transformers import AutoTokenizer
+
+    from tuneloop.config import PRETRAINED_PACKAGE_MODEL, resolve_base_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_base_model(base_model or PRETRAINED_PACKAGE_MODEL))
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]]
 
 
 def init_project(
@@ -95,9 +162,11 @@ def init_project(
     labels.to_parquet(labels_path, index=False)
 
     project_name = name or _slug(data_path.stem)
-    config_path.write_text(render_config(project_name, classes), encoding="utf-8")
+    defaults = derive_defaults(examples["text"])
+    config_path.write_text(render_config(project_name, classes, defaults=defaults), encoding="utf-8")
     return InitSummary(
-        config_path, texts_path, labels_path, len(examples), classes, dropped_duplicates, dropped_conflicting
+        config_path, texts_path, labels_path, len(examples), classes, dropped_duplicates, dropped_conflicting,
+        defaults.lines(),
     )
 
 
@@ -160,9 +229,13 @@ def _slug(text: str) -> str:
     return slug or "tuneloop"
 
 
-def render_config(name: str, classes: list[str]) -> str:
-    """The `tuneloop.yaml` that `init` writes: every section, with the defaults spelled out."""
+def render_config(name: str, classes: list[str], *, defaults: DataDefaults | None = None) -> str:
+    """The `tuneloop.yaml` that `init` writes: every section, with the defaults spelled out (and those
+    derived from the data, ``defaults``, with their reasons)."""
     class_list = ", ".join(_yaml_string(c) for c in classes)
+    defaults = defaults or DataDefaults(1, 0, 0, 128, None, None, "not measured")
+    token_reason = (f"95% of the texts fit in {defaults.token_p95} tokens, 99% in {defaults.token_p99}"
+                    if defaults.token_p95 is not None else defaults.note)
     return f"""# tuneloop project configuration. Reference: README.md, "Configuration".
 # Relative data paths are relative to this file; state_dir is relative to the working directory.
 name: {name}
@@ -186,8 +259,9 @@ data:
 validation:                      # Great Expectations suite; every expectation is critical
   min_rows: 100
   min_rows_per_class: 10
-  min_text_length: 1
-  max_text_length: 5000
+  min_text_length: {defaults.min_text_length}
+  # max_text_length: {max(2 * defaults.longest_text, 1000)}    # unset: lengths are reported, not a failure
+  #                                # (texts seen: up to {defaults.longest_text} characters, 99% up to {defaults.p99_text_length})
   max_empty_text_share: 0.01
 
 features:
@@ -201,7 +275,7 @@ training:
   epochs: 2
   batch_size: 32
   learning_rate: 5.0e-5
-  max_length: 128
+  max_length: {defaults.max_length}                 # {token_reason}; longer texts are truncated
 
 compression:
   # candidates measured next to torch fp32; the fastest within the budget is kept
@@ -209,10 +283,16 @@ compression:
   calibration_rows: 100            # validation texts that calibrate static int8
   max_f1_loss_points: 1.0
 
-evaluation:
-  thresholds: {{macro_f1: 0.9}}
+evaluation:                      # every check is decided on an interval at `confidence`
+  thresholds: {{}}                 # optional absolute minimums, e.g. {{macro_f1: 0.8}}
+  baseline: true                   # no champion yet: beat TF-IDF + logistic regression on the same split
+  baseline_margin_points: 0.0      # ... by more than this many macro-F1 points
   compare_to_champion: true
-  max_drop_vs_champion_points: 0.5
+  max_drop_vs_champion_points: 1.0 # non-inferiority margin against the champion (macro-F1 points)
+  confidence: 0.95
+  when_undecided: reject           # too few test rows to decide: reject | keep_threshold_only
+  calibration: true                # temperature scaling fitted on validation, applied when serving
+  slices: {{builtin: true, columns: [], min_rows: 100, rules: {{}}}}
 
 registry:
   model_name: {name}
