@@ -36,8 +36,10 @@ import numpy as np
 
 from tuneloop import gate_stats
 from tuneloop.calibration import calibration_report
+from tuneloop.artifacts import read_metadata
 from tuneloop.config import TuneloopConfig
 from tuneloop.datasets import load_split
+from tuneloop.dp import epsilon_check
 from tuneloop.errors import ConfigError, GateError
 from tuneloop.gate_checks import Check, interval_check, reported_check
 from tuneloop.metrics import classification_metrics
@@ -160,6 +162,8 @@ def _evaluate(config, dataset_path, model_dir, compressed_dir, find_champion) ->
     print("evaluate: scoring the uncompressed model for the compression check", flush=True)
     uncompressed = ScoredRows("the uncompressed model", rows.ids, load_classifier(model_dir).predict(rows.texts))
     checks.append(compression_check(rows, challenger, uncompressed, config, metrics))
+    if config.privacy.max_epsilon is not None:  # only a DP-SGD model within the budget (no record: fails closed)
+        checks.append(Check(**epsilon_check(read_metadata(model_dir), config.privacy.max_epsilon)))
     comparison_checks, champion_version, champion_encoded = _reference_checks(config, dataset_path, rows,
                                                                               challenger, find_champion)
     checks += comparison_checks

@@ -91,3 +91,39 @@ def test_gate_epsilon_check_fails_closed():
         "name": "dp_epsilon", "value": 7.5, "threshold": 3.0, "passed": False}
     assert dp.epsilon_check({"privacy": {"dp": False}}, 3.0)["passed"] is False
     assert dp.epsilon_check({}, 3.0)["passed"] is False
+
+
+@pytest.mark.parametrize("record, blessed", [({"dp": True, "epsilon": 2.5}, True), ({"dp": True, "epsilon": 8.0}, False),
+                                             ({"dp": False}, False)])
+def test_the_gate_requires_privacy_max_epsilon(tmp_path, tiny_dataset, monkeypatch, record, blessed):
+    from pathlib import Path
+
+    from tests.conftest import make_config
+    from tuneloop import evaluation
+    from tuneloop.artifacts import write_metadata
+
+    class Perfect:
+        labels = ["ham", "spam"]
+
+        def predict(self, texts):
+            truth = pd.read_parquet(tiny_dataset).set_index("text")["label"]
+            return [truth[text] for text in texts]
+
+        def predict_proba(self, texts, batch_size=32):
+            import numpy as np
+
+            return np.array([[0.0, 1.0] if label == "spam" else [1.0, 0.0] for label in self.predict(texts)])
+
+    import pandas as pd
+
+    monkeypatch.setattr(evaluation, "load_classifier", lambda directory: Perfect())
+    write_metadata(tmp_path / "model", {"kind": "model", "labels": ["ham", "spam"], "privacy": record})
+    config = make_config(tmp_path, privacy={"max_epsilon": 3.0})
+    result = evaluation.run(config, tiny_dataset, tmp_path / "model", tmp_path / "compressed", tmp_path / "d.json",
+                            find_champion=lambda cfg, scratch: None)
+    check = next(c for c in result.checks if c.name == "dp_epsilon")
+    assert (check.value, check.threshold) == (record.get("epsilon"), 3.0)
+    assert check.passed is blessed
+    if not blessed:  # (with 27 test rows the statistical gate blesses nothing else either)
+        assert result.blessed is False
+    assert Path(tmp_path / "d.json").is_file()
