@@ -34,8 +34,8 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import sqlalchemy as sa
 import tenacity
@@ -118,7 +118,7 @@ def send_alert(
     retry = retry or DEFAULT_RETRY
     alert = {
         "id": uuid.uuid4().hex,
-        "time": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "time": dt.datetime.now(dt.UTC).isoformat(),
         "project": config.name,
         "kind": kind,
         "message": message,
@@ -253,7 +253,7 @@ def _settle(config: TuneloopConfig, alert: dict, failure: str | None) -> None:
     """Record a delivery (the row leaves the spool) or a failed try (it stays, unclaimed)."""
     values: dict = {"attempts": alert_log.c.attempts + 1, "claimed_by": "", "claimed_until": 0.0}
     if failure is None:
-        values.update(webhook=DELIVERED, delivered_at=dt.datetime.now(dt.timezone.utc).isoformat(), last_error="")
+        values.update(webhook=DELIVERED, delivered_at=dt.datetime.now(dt.UTC).isoformat(), last_error="")
     else:
         values.update(last_error=failure)
     with state_store.transaction(config) as connection:
@@ -381,8 +381,8 @@ def _retry_after(headers) -> float | None:
     except (TypeError, ValueError):
         return None
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=dt.timezone.utc)
-    return max((moment - dt.datetime.now(dt.timezone.utc)).total_seconds(), 0.0)
+        moment = moment.replace(tzinfo=dt.UTC)
+    return max((moment - dt.datetime.now(dt.UTC)).total_seconds(), 0.0)
 
 
 def _reason(error: BaseException) -> str:

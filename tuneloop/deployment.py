@@ -18,11 +18,8 @@ Two targets (``deployment.target``):
 
 Deploying the version that is already live (and champion) does nothing. Every champion move is
 recorded: the alias ``previous-champion`` names the version it replaced, and the champion history
-(newest last, at most :data:`HISTORY_LIMIT`) lives in the shared state database
-(:mod:`tuneloop.state_store`), written by compare-and-set on a revision while the champion lock is
-held, so concurrent deploys and promotions lose no entry and the alias always matches the history's
-newest entry; the registered model's tag ``tuneloop.champion_history`` mirrors it for display. Read
-errors propagate: an unreadable history is an error, never an empty one. :func:`rollback` makes the
+lives in the shared state database (:mod:`tuneloop.champions`: compare-and-set under the champion
+lock, so concurrent deploys and promotions lose no entry; read errors propagate). :func:`rollback` makes the
 newest earlier entry champion again (re-rolling the cluster on the Kubernetes target) and drops the
 rolled-back entries, so repeated rollbacks walk further back instead of toggling between two versions.
 
@@ -33,7 +30,6 @@ failure instead of rolling the same model out again, and a retry after success d
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
@@ -43,16 +39,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from tuneloop import champions
+from tuneloop.champions import HISTORY_LIMIT, HISTORY_TAG, PREVIOUS_CHAMPION  # noqa: F401 (re-exported)
 from tuneloop.config import TuneloopConfig, load_config
-from tuneloop.errors import RegistryError, TuneloopError
+from tuneloop.errors import TuneloopError
 
 logger = logging.getLogger("tuneloop.deployment")
 
 STAGE = "deployment"
 ANNOTATION = "tuneloop.dev/model-version"
-PREVIOUS_CHAMPION = "previous-champion"
-HISTORY_TAG = "tuneloop.champion_history"
-HISTORY_LIMIT = 50
 DEFAULT_SMOKE_TEXT = "tuneloop smoke test"
 SERVING_DIR_ENV = "TUNELOOP_SERVING_DIR"
 
@@ -175,10 +170,10 @@ def promote(config: TuneloopConfig, version: str, **options: Any) -> DeployResul
     serving.model_version_source(config, version)
     champion = registry.alias_version(config, registry.CHAMPION)
     if champion == version:
-        _seed_history(config, version)
+        champions.seed_history(config, version)
         return DeployResult(version, "local", UNCHANGED, champion=version,
                             message=f"version {version} is already champion")
-    previous = _move_champion(config, version)
+    previous = champions.move_champion(config, version)
     return DeployResult(version, "local", DEPLOYED, previous_version=previous, champion=version,
                         previous_champion=previous,
                         message=f"champion {previous or '-'} -> {version}; restart `tuneloop serve` to serve it")
@@ -193,8 +188,8 @@ def rollback(config: TuneloopConfig, **options: Any) -> DeployResult:
     from tuneloop import registry
 
     champion = registry.alias_version(config, registry.CHAMPION)
-    history = champion_history(config)
-    target, truncated = _rollback_target(config, champion, history)
+    history = champions.history(config)
+    target, truncated = champions.rollback_target(config, champion, history)
     if target is None:
         raise DeploymentError(
             f"nothing to roll back to: no earlier champion of {config.registry.model_name!r} is recorded "
@@ -204,9 +199,9 @@ def rollback(config: TuneloopConfig, **options: Any) -> DeployResult:
     if config.deployment.target == "kubernetes":
         result = _deploy(config, target, rollback=True, **options)
     else:
-        previous = _move_champion(config, target, rollback=True)
+        previous = champions.move_champion(config, target, rollback=True)
         result = DeployResult(target, "local", DEPLOYED, previous_version=previous, champion=target,
-                              previous_champion=_previous_in(truncated, target))
+                              previous_champion=champions.previous_in(truncated, target))
     result.message = f"rolled back champion {champion or '-'} -> {target}. " + result.message
     return result
 
@@ -352,7 +347,7 @@ def _deploy(config, version, *, apps_api=None, http=None, build=None, sleep=time
         live = _live_version(_read_deployment(api, config))
         result.previous_version = live
         if live == version and champion == version:
-            _seed_history(config, version)
+            champions.seed_history(config, version)
             result.status = UNCHANGED
             result.message = f"version {version} is already live in {_where(config)} and champion"
             return result
@@ -364,7 +359,7 @@ def _deploy(config, version, *, apps_api=None, http=None, build=None, sleep=time
     else:
         result.previous_version = champion
         if champion == version:
-            _seed_history(config, version)
+            champions.seed_history(config, version)
             result.status = UNCHANGED
             result.message = f"version {version} is already champion"
             return result
@@ -375,7 +370,7 @@ def _deploy(config, version, *, apps_api=None, http=None, build=None, sleep=time
             result.message = f"smoke test failed on version {version}: {_describe_failures(failed)}; champion stays " \
                              f"{champion or '-'}"
             raise DeploymentError(result.message, result=result)
-    result.previous_champion = _move_champion(config, version, rollback=rollback)
+    result.previous_champion = champions.move_champion(config, version, rollback=rollback)
     result.champion = version
     result.status = DEPLOYED
     result.message = (result.message + " " if result.message else "") + f"version {version} deployed to " \
@@ -686,205 +681,7 @@ def _httpx_post(url: str, *, json: Any, headers: dict[str, str], timeout: float)
 
 
 # --------------------------------------------------------------------------------------------
-# Champion history
-
-
-@dataclass
-class _History:
-    """The champion history as read: its versions (oldest first) and the revision they were read at
-    (0: no row in the state database yet)."""
-
-    versions: list[str]
-    revision: int
-
-
-HISTORY_WRITE_ATTEMPTS = 20
-
-
-def champion_history(config: TuneloopConfig) -> list[str]:
-    """The champions of the registered model, oldest first.
-
-    Raises:
-        ServiceUnavailableError: the state database is unreachable (never an empty history).
-        RegistryError: the history cannot be read.
-    """
-    return _history(config).versions
-
-
-def _history(config: TuneloopConfig, connection=None) -> _History:
-    """The history in the state database; before its first write there, the MLflow tag that older
-    tuneloop versions kept. Read errors propagate."""
-    import sqlalchemy as sa
-
-    from tuneloop import state_store
-
-    table = state_store.champion_history
-    query = sa.select(table.c.versions, table.c.revision).where(table.c.model_name == config.registry.model_name)
-    if connection is None:
-        with state_store.transaction(config) as own:
-            row = own.execute(query).first()
-    else:
-        row = connection.execute(query).first()
-    if row is not None:
-        return _History([str(item) for item in json.loads(row.versions)], row.revision)
-    return _History(_tag_history(config), 0)
-
-
-def _tag_history(config: TuneloopConfig) -> list[str]:
-    from mlflow.exceptions import MlflowException
-
-    from tuneloop import registry
-
-    name = config.registry.model_name
-    try:
-        tags = registry.client(config).get_registered_model(name).tags or {}
-    except MlflowException as error:
-        if "RESOURCE_DOES_NOT_EXIST" in str(error.error_code):
-            return []
-        raise
-    try:
-        history = json.loads(tags.get(HISTORY_TAG) or "[]")
-    except json.JSONDecodeError as error:
-        raise RegistryError(f"the champion history tag {HISTORY_TAG} of {name!r} is not JSON ({error}); fix or "
-                            f"delete the tag", stage=STAGE, field=HISTORY_TAG) from error
-    if not isinstance(history, list):
-        raise RegistryError(f"the champion history tag {HISTORY_TAG} of {name!r} is not a JSON list", stage=STAGE,
-                            field=HISTORY_TAG)
-    return [str(item) for item in history if isinstance(item, (str, int))]
-
-
-def _compare_and_set(connection, config: TuneloopConfig, seen: _History, versions: list[str]) -> bool:
-    """Write ``versions`` if the history is still at ``seen.revision``; False when another writer was first."""
-    import datetime as dt
-
-    from tuneloop import state_store
-
-    table = state_store.champion_history
-    values = {"versions": state_store.dumps(versions[-HISTORY_LIMIT:]), "revision": seen.revision + 1,
-              "updated_at": dt.datetime.now(dt.timezone.utc).isoformat()}
-    if seen.revision == 0:
-        connection.execute(table.insert().values(model_name=config.registry.model_name, **values))
-        return True  # a concurrent first insert fails the transaction with IntegrityError
-    updated = connection.execute(table.update().where(table.c.model_name == config.registry.model_name,
-                                                      table.c.revision == seen.revision).values(**values))
-    return updated.rowcount == 1
-
-
-def _update_history(config: TuneloopConfig, change: Callable[[list[str]], list[str] | None], *,
-                    lock: bool = False, then: Callable[[list[str]], None] | None = None) -> list[str]:
-    """Apply ``change`` to the history by compare-and-set, re-reading and retrying on a conflict.
-
-    Args:
-        change: the new history from the current one (None: leave it as it is).
-        lock: hold the champion lock for the whole read-change-write (champion moves, so that the
-            alias moves in ``then`` happen in the same order as the history's entries).
-        then: runs inside the transaction after a successful write (a failure rolls the write back).
-
-    Returns:
-        the history as written (or as found, when ``change`` left it alone).
-    """
-    from sqlalchemy.exc import IntegrityError
-
-    from tuneloop import state_store
-
-    name = config.registry.model_name
-    for _ in range(HISTORY_WRITE_ATTEMPTS):
-        try:
-            with state_store.transaction(config, lock=f"tuneloop-champion:{name}" if lock else None) as connection:
-                seen = _history(config, connection)
-                wanted = change(list(seen.versions))
-                if wanted is None:
-                    return seen.versions
-                if not _compare_and_set(connection, config, seen, wanted):
-                    continue
-                if then is not None:
-                    then(wanted[-HISTORY_LIMIT:])
-        except IntegrityError:  # another writer created the row first: read it and try again
-            continue
-        _mirror_tag(config, wanted[-HISTORY_LIMIT:])
-        return wanted[-HISTORY_LIMIT:]
-    raise DeploymentError(f"the champion history of {name!r} kept changing under concurrent writers "
-                          f"({HISTORY_WRITE_ATTEMPTS} tries); try again")
-
-
-def _mirror_tag(config: TuneloopConfig, history: list[str]) -> None:
-    """Show the history on the registered model (display only: the state database is the record)."""
-    from tuneloop import registry
-
-    try:
-        registry.client(config).set_registered_model_tag(config.registry.model_name, HISTORY_TAG, json.dumps(history))
-    except Exception as error:  # the registry's own errors; the record is already written
-        logger.warning("could not mirror the champion history of %s to the tag %s: %s",
-                       config.registry.model_name, HISTORY_TAG, error)
-
-
-def _seed_history(config: TuneloopConfig, version: str) -> None:
-    """Start the champion history with ``version`` when none is recorded yet (a champion set by
-    ``register`` alone), so that a later rollback can return to it."""
-    _update_history(config, lambda history: None if history else [str(version)])
-
-
-def _previous_in(history: list[str], version: str) -> str | None:
-    earlier = [item for item in history if item != version]
-    if version in history:
-        index = len(history) - 1 - history[::-1].index(version)
-        earlier = [item for item in history[:index] if item != version]
-    return earlier[-1] if earlier else None
-
-
-def _move_champion(config: TuneloopConfig, version: str, *, rollback: bool = False) -> str | None:
-    """Point ``champion`` at ``version``; record the old one as ``previous-champion`` and in the history.
-
-    The read of the current champion, the history write (compare-and-set) and the alias moves happen
-    under the champion lock, in one transaction: concurrent moves are serialised and lose no entry.
-
-    Args:
-        rollback: cut the history after the newest ``version`` entry (the rolled-back entries go)
-            instead of appending to it.
-
-    Returns:
-        the version that was champion before (None when there was none).
-    """
-    from tuneloop import registry
-
-    mlflow = registry.client(config)
-    name = config.registry.model_name
-    previous: list[str | None] = [None]
-
-    def change(history: list[str]) -> list[str]:
-        previous[0] = registry.alias_version(config, registry.CHAMPION)
-        if rollback:
-            if version not in history:
-                return [version]
-            return history[: len(history) - history[::-1].index(version)]
-        if previous[0] and previous[0] != version and (not history or history[-1] != previous[0]):
-            history.append(previous[0])
-        if not history or history[-1] != version:
-            history.append(version)
-        return history
-
-    def move_aliases(history: list[str]) -> None:
-        try:
-            mlflow.set_registered_model_alias(name, registry.CHAMPION, version)
-            before = _previous_in(history, version)
-            if before:
-                mlflow.set_registered_model_alias(name, PREVIOUS_CHAMPION, before)
-            else:
-                try:
-                    mlflow.delete_registered_model_alias(name, PREVIOUS_CHAMPION)
-                except Exception:  # the alias did not exist
-                    pass
-        except Exception as error:
-            raise RegistryError(f"could not move {registry.CHAMPION} of {name!r} to version {version}: {error}",
-                                stage=STAGE) from error
-
-    _update_history(config, change, lock=True, then=move_aliases)
-    logger.info("champion of %s: %s -> %s", name, previous[0], version)
-    return previous[0]
-
-
-# --------------------------------------------------------------------------------------------
-# Deploy outcomes per pipeline run
+# Deploy outcomes per pipeline run (kept in the state database by tuneloop.champions)
 
 
 def deploy_outcome(config: TuneloopConfig, pipeline_run: str, version: str) -> DeployResult | None:
@@ -893,38 +690,19 @@ def deploy_outcome(config: TuneloopConfig, pipeline_run: str, version: str) -> D
     Raises:
         ServiceUnavailableError: the state database is unreachable.
     """
-    import sqlalchemy as sa
+    from tuneloop import champions
 
-    from tuneloop import state_store
-
-    table = state_store.deploy_outcomes
-    with state_store.transaction(config) as connection:
-        row = connection.execute(sa.select(table.c.result).where(
-            table.c.model_name == config.registry.model_name, table.c.pipeline_run == pipeline_run,
-            table.c.version == str(version))).first()
-    if row is None:
+    recorded = champions.read_outcome(config, pipeline_run, version)
+    if recorded is None:
         return None
-    recorded = json.loads(row.result)
     recorded["smoke"] = [SmokeCheck(**check) for check in recorded.get("smoke", [])]
     return DeployResult(**recorded)
 
 
 def _record_outcome(config: TuneloopConfig, pipeline_run: str, result: DeployResult) -> None:
-    import datetime as dt
+    from tuneloop import champions
 
-    from sqlalchemy.exc import IntegrityError
-
-    from tuneloop import state_store
-
-    table = state_store.deploy_outcomes
-    try:
-        with state_store.transaction(config) as connection:
-            connection.execute(table.insert().values(
-                model_name=config.registry.model_name, pipeline_run=pipeline_run, version=result.version,
-                status=result.status, message=result.message, result=state_store.dumps(result.to_dict()),
-                recorded_at=dt.datetime.now(dt.timezone.utc).isoformat()))
-    except IntegrityError:  # a concurrent attempt of the same run recorded first: its record stands
-        logger.warning("pipeline run %s already recorded its deploy of version %s", pipeline_run, result.version)
+    champions.record_outcome(config, pipeline_run, result.version, result.status, result.to_dict())
 
 
 def _repeated(earlier: DeployResult, pipeline_run: str) -> DeployResult:
@@ -936,22 +714,6 @@ def _repeated(earlier: DeployResult, pipeline_run: str) -> DeployResult:
     earlier.message = f"pipeline run {pipeline_run} already deployed version {earlier.version}: nothing to do " \
                       f"({earlier.message})"
     return earlier
-
-
-def _rollback_target(config, champion: str | None, history: list[str]) -> tuple[str | None, list[str]]:
-    """The newest recorded champion other than the current one that still exists, and the history
-    cut after it."""
-    from tuneloop import registry
-
-    existing = {row["version"] for row in registry.list_versions(config)}
-    for index in range(len(history) - 1, -1, -1):
-        candidate = history[index]
-        if candidate != champion and candidate in existing:
-            return candidate, history[: index + 1]
-    previous = registry.alias_version(config, PREVIOUS_CHAMPION)
-    if previous and previous != champion and previous in existing:
-        return previous, [previous]
-    return None, history
 
 
 def _label_value(value: str) -> str:

@@ -41,9 +41,9 @@ import json
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import sqlalchemy as sa
 
@@ -418,12 +418,12 @@ def find_kubeflow_run(config: TuneloopConfig, run_name: str) -> str | None:
 
 def _wall_clock() -> str:
     """The real time (claims and heartbeats; the injectable ``now`` is only for the cooldown)."""
-    return dt.datetime.now(dt.timezone.utc).isoformat()
+    return dt.datetime.now(dt.UTC).isoformat()
 
 
 def _utc(moment: dt.datetime | None) -> dt.datetime:
-    moment = moment or dt.datetime.now(dt.timezone.utc)
-    return moment.replace(tzinfo=dt.timezone.utc) if moment.tzinfo is None else moment.astimezone(dt.timezone.utc)
+    moment = moment or dt.datetime.now(dt.UTC)
+    return moment.replace(tzinfo=dt.UTC) if moment.tzinfo is None else moment.astimezone(dt.UTC)
 
 
 def _parse_time(text: str) -> dt.datetime:

@@ -28,8 +28,9 @@ import hashlib
 import json
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import sqlalchemy as sa
@@ -112,7 +113,7 @@ _engines: dict[str, sa.Engine] = {}
 _engines_guard = threading.Lock()
 
 
-def database_url(config: "TuneloopConfig") -> str:
+def database_url(config: TuneloopConfig) -> str:
     """The SQLAlchemy URL of the shared state database (never print it: it may carry a password).
 
     Raises:
@@ -143,13 +144,13 @@ def service_name(url: str) -> str:
     return "postgres" if backend == "postgresql" else backend
 
 
-def location(config: "TuneloopConfig") -> str:
+def location(config: TuneloopConfig) -> str:
     """Where the state lives, for messages: ``postgres at postgresql://***@host/db`` or the SQLite path."""
     url = database_url(config)
     return f"{service_name(url)} at {redacted(url)}"
 
 
-def engine(config: "TuneloopConfig") -> sa.Engine:
+def engine(config: TuneloopConfig) -> sa.Engine:
     """The engine of the shared state database, its tables created (once per process and URL).
 
     Raises:
@@ -163,10 +164,9 @@ def engine(config: "TuneloopConfig") -> sa.Engine:
             return existing
         created = _create_engine(url, config.state.lock_timeout_s)
         try:
-            with _translated(url):
-                with created.begin() as connection:
-                    _lock(connection, "tuneloop-schema", config.state.lock_timeout_s)
-                    metadata.create_all(connection, checkfirst=True)
+            with _translated(url), created.begin() as connection:
+                _lock(connection, "tuneloop-schema", config.state.lock_timeout_s)
+                metadata.create_all(connection, checkfirst=True)
         except BaseException:
             created.dispose()
             raise
@@ -217,7 +217,7 @@ def _sqlite_engine(parsed: sa.URL, lock_timeout_s: float) -> sa.Engine:
 
 
 @contextlib.contextmanager
-def transaction(config: "TuneloopConfig", *, lock: str | None = None) -> Iterator[sa.Connection]:
+def transaction(config: TuneloopConfig, *, lock: str | None = None) -> Iterator[sa.Connection]:
     """A transaction on the shared state database; committed when the block ends, rolled back on error.
 
     Args:
@@ -230,11 +230,10 @@ def transaction(config: "TuneloopConfig", *, lock: str | None = None) -> Iterato
     """
     url = database_url(config)
     target = engine(config)
-    with _translated(url):
-        with target.begin() as connection:
-            if lock is not None:
-                _lock(connection, lock, config.state.lock_timeout_s)
-            yield connection
+    with _translated(url), target.begin() as connection:
+        if lock is not None:
+            _lock(connection, lock, config.state.lock_timeout_s)
+        yield connection
 
 
 def for_update(statement: sa.Select, connection: sa.Connection) -> sa.Select:
@@ -288,7 +287,7 @@ def _reason(error: sa_exc.DBAPIError, url: str) -> str:
     return line[:300]
 
 
-def check(config: "TuneloopConfig") -> str:
+def check(config: TuneloopConfig) -> str:
     """Reach the database and create its tables; returns :func:`location` (for start-up checks).
 
     Raises:

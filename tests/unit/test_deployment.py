@@ -24,7 +24,7 @@ from kubernetes.client import (
 from kubernetes.client.exceptions import ApiException
 
 from tests.conftest import make_config
-from tuneloop import deployment, registry, serving
+from tuneloop import champions, deployment, registry, serving
 from tuneloop.artifacts import write_metadata
 from tuneloop.deployment import ANNOTATION, DeploymentError
 from tuneloop.errors import RegistryError
@@ -445,7 +445,7 @@ def test_an_unreadable_history_is_an_error_never_an_empty_history(cluster_regist
     with pytest.raises(ServiceUnavailableError, match="postgres"):
         deployment.rollback(config, apps_api=cluster, http=FakeServer(cluster))
     with pytest.raises(ServiceUnavailableError):
-        deployment.champion_history(config)
+        champions.history(config)
     assert cluster.patches == [] and champion(cluster_registry) == "1"
 
 
@@ -464,7 +464,7 @@ def test_concurrent_history_writers_lose_no_entry(history_config, monkeypatch):
     import threading
 
     config = history_config
-    monkeypatch.setattr(deployment, "_mirror_tag", lambda cfg, history: None)  # no registered model here
+    monkeypatch.setattr(champions, "_mirror_tag", lambda cfg, history: None)  # no registered model here
     writers, each = 4, 5
     barrier = threading.Barrier(writers)
     failures = []
@@ -473,7 +473,7 @@ def test_concurrent_history_writers_lose_no_entry(history_config, monkeypatch):
         barrier.wait()
         try:
             for k in range(each):
-                deployment._update_history(config, lambda history, entry=f"{n}.{k}": history + [entry])
+                champions.update_history(config, lambda history, entry=f"{n}.{k}": history + [entry])
         except Exception as error:  # surfaced below
             failures.append(error)
 
@@ -483,7 +483,7 @@ def test_concurrent_history_writers_lose_no_entry(history_config, monkeypatch):
     for thread in threads:
         thread.join()
     assert failures == []
-    history = deployment.champion_history(config)
+    history = champions.history(config)
     assert sorted(history) == sorted(f"{n}.{k}" for n in range(writers) for k in range(each))
     for n in range(writers):  # each writer's entries in its own order
         assert [entry for entry in history if entry.startswith(f"{n}.")] == [f"{n}.{k}" for k in range(each)]
@@ -494,12 +494,12 @@ def test_a_stale_compare_and_set_is_refused(history_config):
 
     config = history_config
     with state_store.transaction(config) as connection:
-        assert deployment._compare_and_set(connection, config, deployment._History([], 0), ["1"])
-    seen = deployment._history(config)
+        assert champions.compare_and_set(connection, config, champions.History([], 0), ["1"])
+    seen = champions.read_history(config)
     with state_store.transaction(config) as connection:
-        assert deployment._compare_and_set(connection, config, seen, ["1", "2"])
-        assert not deployment._compare_and_set(connection, config, seen, ["1", "3"]), "revision moved on"
-    assert deployment.champion_history(config) == ["1", "2"]
+        assert champions.compare_and_set(connection, config, seen, ["1", "2"])
+        assert not champions.compare_and_set(connection, config, seen, ["1", "3"]), "revision moved on"
+    assert champions.history(config) == ["1", "2"]
 
 
 def test_rollout_state_reads_like_kubectl():
@@ -609,7 +609,7 @@ def test_concurrent_promotions_lose_no_entry_and_the_champion_is_the_newest(tmp_
     for thread in threads:
         thread.join()
     assert failures == []
-    history = deployment.champion_history(config)
+    history = champions.history(config)
     assert history[0] == "1" and sorted(history[1:]) == ["2", "3", "4"], history
     assert champion(config) == history[-1], "the alias moved in the order the history records"
     assert registry.alias_version(config, deployment.PREVIOUS_CHAMPION) == history[-2]

@@ -17,7 +17,7 @@ from tuneloop import kubeflow, monitoring, retraining
 from tuneloop.errors import PipelineError
 from tuneloop.retraining import LaunchedRun, RetrainingError, RetrainingRequest
 
-NOW = dt.datetime(2025, 3, 1, 12, 0, tzinfo=dt.timezone.utc)
+NOW = dt.datetime(2025, 3, 1, 12, 0, tzinfo=dt.UTC)
 
 
 class FakeLauncher:
@@ -180,7 +180,7 @@ def test_kubeflow_run_lookup_by_name_finds_the_interrupted_trigger(tmp_path, mon
     filters = []
 
     class Client:
-        def list_runs(self, page_size, filter):  # noqa: A002 (kfp's argument name)
+        def list_runs(self, page_size, filter):
             filters.append(json.loads(filter))
             return SimpleNamespace(runs=[SimpleNamespace(display_name="tuneloop-retrain-drift-a", run_id="kfp-9")])
 
