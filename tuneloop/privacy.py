@@ -496,3 +496,13 @@ def private_training_frame(frame, config):
         print(f"[features] privacy.training={config.privacy.training}: {verb} {changed} rows", flush=True)
     frame.attrs[TEXT_PRIVACY_KEY] = text_privacy_record(config.privacy)
     return frame
+
+
+def texts_as_logged(frame, column: str, privacy: "PrivacyConfig", environ: Mapping[str, str] | None = None):
+    """``frame`` with ``column`` as the prediction log stores served texts (``privacy.prediction_log``;
+    dropped texts become empty). The drift monitor compares its reference this way, so masking cannot look
+    like drift, and its report shows no raw text unless the log mode is ``raw``."""
+    policy = log_text_policy(privacy, environ)
+    if policy is None:
+        return frame
+    return frame.assign(**{column: [policy(str(text)) or "" for text in frame[column]]})

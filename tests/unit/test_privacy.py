@@ -332,3 +332,21 @@ def test_training_frame_excludes_erased_rows_masks_texts_and_records_the_mode(tm
     assert row["text"].endswith("mail me at <EMAIL>") and "@" not in "".join(dataset["text"])
     assert row["char_count"] == len(frame.set_index("id").loc["m00003", "text"])  # statistics of the raw text
     assert dataset.attrs[privacy.TEXT_PRIVACY_KEY]["training"] == "mask"
+
+
+# --------------------------------------------------------------------------------------------
+# Drift reports
+
+
+@pytest.mark.parametrize("mode, expected", [
+    ("mask", "call <PHONE> or mail <EMAIL>"), ("drop_text", ""), ("raw", "call 415-555-2671 or mail a@b.io")])
+def test_the_drift_reference_shows_texts_as_the_log_stores_them(tmp_path, mode, expected):
+    from tuneloop.monitoring.reference import Reference, prepare_reference
+
+    raw = "call 415-555-2671 or mail a@b.io"
+    frame = pd.DataFrame({"id": ["a"], "text": [raw], "label": ["ham"]})
+    config = make_config(tmp_path, privacy={"prediction_log": mode})
+    prepared = prepare_reference(config, Reference(frame=frame, uri="memory://ref", predictions="labels",
+                                                   rows_available=1), None)
+    assert prepared["text"].tolist() == [expected]
+    assert prepared["char_count"].tolist() == [len(raw)]  # statistics of the training text

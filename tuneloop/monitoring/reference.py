@@ -13,6 +13,7 @@ from tuneloop.config import TuneloopConfig
 from tuneloop.errors import DataError, RegistryError
 from tuneloop.monitoring.common import REFERENCE_SEED, STAGE, MonitoringError
 from tuneloop.monitoring.window import with_statistics
+from tuneloop.privacy import texts_as_logged
 from tuneloop.prediction_log import (
     PREDICTED_LABEL as PREDICTION,
 )
@@ -129,7 +130,9 @@ def prepare_reference(config: TuneloopConfig, reference: Reference, version: str
     else:
         raise MonitoringError(f"the reference frame {reference.uri} has no label column {data.label_column!r}",
                               stage=STAGE, path=reference.uri, field=data.label_column)
-    return frame
+    # Statistics and predictions above come from the training text; the text itself is compared (and shown
+    # in the report) as the log stores served texts.
+    return texts_as_logged(frame, TEXT, config.privacy)
 
 
 def champion_predictions(config: TuneloopConfig, version: str | None, frame: pd.DataFrame,
