@@ -1,4 +1,4 @@
-"""The training pipeline: validate -> features -> fine-tune -> compress -> evaluate -> [blessed?] register -> deploy.
+"""The training pipeline: validate -> features -> check frame -> fine-tune -> compress -> evaluate -> [blessed?] register -> deploy.
 
 One definition runs two ways: through ``kfp.local`` on one machine (``tuneloop run --local``) and
 compiled to KFP IR YAML for a cluster (``tuneloop compile training``). Registration
@@ -16,6 +16,7 @@ from components.compression import compress
 from components.deployment import deploy
 from components.evaluation import evaluate
 from components.features import retrieve_features
+from components.frame_checks import validate_frame
 from components.registry import register
 from components.training import finetune
 from components.validation import validate_data
@@ -23,7 +24,7 @@ from pipelines.cluster import configure_task
 from tuneloop.config import KubeflowConfig
 
 PIPELINE_NAME = "tuneloop-training"
-TRANSIENT_STEPS = ("validate_data", "retrieve_features", "evaluate", "register", "deploy")
+TRANSIENT_STEPS = ("validate_data", "retrieve_features", "validate_frame", "evaluate", "register", "deploy")
 """Steps that only read or write external state: a retry is cheap and safe."""
 
 
@@ -50,10 +51,12 @@ def build_pipeline(kubeflow: KubeflowConfig | None = None):
         with dsl.ExitHandler(exit_task, name="report-failures"):
             validated = validate_data(config_json=config_json)
             features = retrieve_features(config_json=config_json).after(validated)
+            # the frame finetune trains on is checked too, and its fingerprint is the lineage
+            frame_checked = validate_frame(config_json=config_json, dataset=features.outputs["dataset"])
             trained = finetune(
                 config_json=config_json,
                 dataset=features.outputs["dataset"],
-                data_fingerprint=validated.outputs["fingerprint"],
+                data_fingerprint=frame_checked.outputs["fingerprint"],
                 base_model=base_model,
                 epochs=epochs,
                 learning_rate=learning_rate,
@@ -86,7 +89,8 @@ def build_pipeline(kubeflow: KubeflowConfig | None = None):
                     pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
                 )
         steps = {
-            "validate_data": validated, "retrieve_features": features, "finetune": trained,
+            "validate_data": validated, "retrieve_features": features, "validate_frame": frame_checked,
+            "finetune": trained,
             "compress": compressed, "evaluate": gate, "register": registered, "deploy": deployed,
             "report_rejection": rejected,
             "notify": exit_task,

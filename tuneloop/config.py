@@ -569,11 +569,12 @@ class MonitoringConfig(StrictModel):
     histogram_memory_limit: str = Field("1GB", pattern=r"^[0-9]+(\.[0-9]+)?\s*(KB|MB|GB|KiB|MiB|GiB)$",
                                         description="DuckDB memory limit of the whole-window histogram tier.")
     histogram_threads: int | None = Field(None, ge=1, description="DuckDB threads (None: the CPUs this pod may use).")
-    embedding_drift: bool = Field(True, description="MMD drift signal on the served model's sentence embeddings.")
+    embedding_drift: bool = Field(True, description="Domain-classifier drift signal on the served model's sentence "
+                                                    "embeddings (a model that cannot embed is an error).")
     embedding_false_alarm_rate: float = Field(
         0.01, gt=0.0, lt=0.5, description="False-alarm rate the embedding threshold is calibrated to (permutations "
                                           "of reference data).")
-    embedding_permutations: int = Field(200, ge=20, description="Reference permutations calibrating the threshold.")
+    embedding_permutations: int = Field(500, ge=20, description="Reference permutations calibrating the threshold.")
     embedding_max_rows: int = Field(1000, ge=50, description="Current and reference texts embedded per check (sampled).")
     embedding_drivers: int = Field(10, ge=1, description="Top n-grams and example texts named as drift drivers.")
     min_feedback_rows: int = Field(30, ge=1)
