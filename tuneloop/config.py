@@ -65,7 +65,7 @@ class ValidationConfig(StrictModel):
                                         "over-long texts are a reported statistic, not a failure.")
     max_empty_text_share: float = Field(0.01, ge=0.0, le=1.0)
     max_near_duplicate_share: float = Field(
-        0.01, ge=0.0, le=1.0,
+        0.05, ge=0.0, le=1.0,
         description="Validation of the trained frame fails when a larger share of its validation and test rows "
                     "have a near-duplicate (normalised text, MinHash) in the train split.")
     near_duplicate_similarity: float = Field(
