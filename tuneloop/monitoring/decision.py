@@ -8,8 +8,9 @@
 3. the prediction distribution drifts (``monitoring.prediction_drift``);
 4. macro-F1 on feedback labels falls more than ``monitoring.max_quality_drop_points`` below the
    version's test macro-F1;
-5. the embedding signal fires (``monitoring.embedding_drift``): MMD of the served model's sentence
-   embeddings above its threshold calibrated to ``monitoring.embedding_false_alarm_rate``.
+5. the embedding signal fires (``monitoring.embedding_drift``): a k-NN domain classifier on the
+   served model's sentence embeddings scores above its threshold, calibrated by permutation on the
+   reference to ``monitoring.embedding_false_alarm_rate`` (:mod:`.embeddings`).
 
 Signals 1-4 are Evidently's (per column: decided on the whole window where the method is binned,
 else on the sample, :mod:`.histograms`); signal 5 catches a small campaign that moves no column's
@@ -112,6 +113,7 @@ def decide(config: TuneloopConfig, columns: list[dict], quality: dict | None,
 def embedding_reason(embedding: dict) -> str:
     """The line that says the embedding signal fired and what drives it."""
     grams = ", ".join(repr(g["ngram"]) for g in (embedding.get("drivers") or {}).get("ngrams", [])[:5])
-    return (f"sentence embeddings drifted: MMD {embedding['score']:.3g} above {embedding['threshold']:.3g} "
+    return (f"sentence embeddings drifted: domain-classifier score {embedding['score']:.3g} above "
+            f"{embedding['threshold']:.3g} "
             f"(calibrated to {embedding['false_alarm_rate']:.0%} false alarms on the reference)"
             + (f"; driven by {grams}" if grams else ""))

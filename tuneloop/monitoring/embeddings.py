@@ -1,4 +1,5 @@
-"""Drift on the served model's own sentence embeddings: MMD, calibrated by permutation on the reference.
+"""Drift on the served model's own sentence embeddings: a domain classifier, calibrated by permutation on
+the reference.
 
 **Embeddings** come from the served model itself (:func:`embedder_for`): the mean over the attention
 mask of its encoder's last hidden state, L2-normalised. A torch model gives it through its base
@@ -6,18 +7,20 @@ model; an ONNX model through the last rank-3 float tensor of its graph (the enco
 the classifier head), exposed as an extra output of an in-memory copy of the graph. A model that
 cannot (a TensorRT engine, a graph without such a tensor) is a :class:`MonitoringError` in one line.
 
-**Statistic**: the squared maximum mean discrepancy (biased estimate) between the reference and
-the current window's embeddings, with a Gaussian kernel whose bandwidth is the median pairwise
-distance of the reference sample.
+**Statistic**: a domain classifier between the reference and the current window: the k-nearest-
+neighbour classifier (k = 10, cosine similarity of the normalised embeddings), scored leave-one-out.
+The score is how far the current rows' share of current neighbours exceeds chance, in binomial
+standard errors. A campaign that is a small share of the traffic forms its own neighbourhoods, so
+the score grows linearly with its share (a kernel MMD grows with its square).
 
 **Threshold**: calibrated on reference data only, to ``monitoring.embedding_false_alarm_rate``: the
-reference sample is split at random ``monitoring.embedding_permutations`` times into a pseudo-current
-window of the current window's size and the rest, and the threshold is the ``1 - rate`` quantile of
-those MMD values. Under no drift a window is as exchangeable with the reference as a random part
-of it, so the signal fires on such a window with probability at most the rate.
+reference sample is split at random ``monitoring.embedding_permutations`` times into a pseudo-window
+of the window's size (at most half the reference) and the rest, and the threshold is the
+``1 - rate`` quantile of those scores. Under no drift the window is as exchangeable with the
+reference as a random part of it, so the signal fires with probability about the rate.
 
-**Drivers**: the current texts with the largest MMD witness value (closer to the current window
-than to the reference, in kernel mean) are the examples that drive the drift; the word 1-3-grams
+**Drivers**: the current texts whose neighbours are most often current texts (where the classifier
+tells the window from the reference best) are the examples that drive the drift; the word 1-3-grams
 most over-represented among them against the reference (smoothed log-odds) name them.
 """
 
@@ -175,20 +178,31 @@ def model_embedder(config, version: str) -> Embedder:
 # The statistic and its calibration
 
 
-def _squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.maximum((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T, 0.0)
+NEIGHBOURS = 10
+"""k of the nearest-neighbour domain classifier."""
 
 
-def median_bandwidth(reference: np.ndarray) -> float:
-    """The median pairwise distance of the reference embeddings (the kernel's bandwidth)."""
-    distances = np.sqrt(_squared_distances(reference, reference))
-    upper = distances[np.triu_indices(len(reference), k=1)]
-    return float(np.median(upper)) or 1.0
+def neighbours(vectors: np.ndarray, k: int = NEIGHBOURS) -> np.ndarray:
+    """The indices of each row's ``k`` most similar other rows (cosine: the rows are normalised)."""
+    similarity = vectors @ vectors.T
+    np.fill_diagonal(similarity, -np.inf)
+    k = min(k, len(vectors) - 1)
+    return np.argpartition(-similarity, k - 1, axis=1)[:, :k]
 
 
-def _mmd_from_kernel(kernel: np.ndarray, first: np.ndarray, second: np.ndarray) -> float:
-    return float(kernel[np.ix_(first, first)].mean() + kernel[np.ix_(second, second)].mean()
-                 - 2.0 * kernel[np.ix_(first, second)].mean())
+def domain_score(graph: np.ndarray, is_current: np.ndarray) -> tuple[float, np.ndarray]:
+    """The leave-one-out score of the k-NN domain classifier, standardised, and each current row's
+    share of current neighbours.
+
+    The score is how far the current rows' share of current neighbours exceeds chance
+    (``(n - 1) / (N - 1)``), in binomial standard errors, so windows and references of different
+    sizes share one scale."""
+    current = np.flatnonzero(is_current)
+    shares = is_current[graph[current]].mean(axis=1)
+    n, total, k = len(current), len(is_current), graph.shape[1]
+    chance = (n - 1) / (total - 1)
+    error = np.sqrt(max(chance * (1 - chance), 1e-12) / (k * n))
+    return float((shares.mean() - chance) / error), shares
 
 
 @dataclass
@@ -200,44 +214,50 @@ class EmbeddingDrift:
     drifted: bool
     false_alarm_rate: float
     permutations: int
-    bandwidth: float
+    neighbours: int
     reference_rows: int
     current_rows: int
     drivers: dict
 
     def to_dict(self) -> dict:
-        return {"column": "embedding", "kind": "embedding", "method": "mmd (permutation-calibrated)",
+        return {"column": "embedding", "kind": "embedding", "method": "k-NN domain classifier (permutation-calibrated)",
                 "score": self.score, "threshold": self.threshold, "drifted": self.drifted,
                 "false_alarm_rate": self.false_alarm_rate, "permutations": self.permutations,
-                "bandwidth": self.bandwidth, "reference_rows": self.reference_rows,
+                "neighbours": self.neighbours, "reference_rows": self.reference_rows,
                 "current_rows": self.current_rows, "drivers": self.drivers}
+
+
+def calibrated_threshold(reference: np.ndarray, current_rows: int, *, false_alarm_rate: float, permutations: int,
+                         seed: int = REFERENCE_SEED) -> float:
+    """The ``1 - false_alarm_rate`` quantile of the score between random parts of the reference: a
+    pseudo-window of the window's size (at most half the reference) against the rest."""
+    rng = np.random.default_rng(seed)
+    graph = neighbours(reference)
+    size = max(min(current_rows, len(reference) // 2), 2)
+    null = []
+    for _ in range(permutations):
+        is_current = np.zeros(len(reference), dtype=bool)
+        is_current[rng.choice(len(reference), size, replace=False)] = True
+        null.append(domain_score(graph, is_current)[0])
+    return float(np.quantile(null, 1.0 - false_alarm_rate, method="higher"))
 
 
 def embedding_drift(reference: np.ndarray, current: np.ndarray, *, false_alarm_rate: float, permutations: int,
                     current_texts: Sequence[str], reference_texts: Sequence[str], drivers: int,
                     seed: int = REFERENCE_SEED) -> EmbeddingDrift:
-    """MMD between ``reference`` and ``current`` embeddings, with its permutation-calibrated threshold
-    and the drivers of the current window (see the module docstring)."""
-    rng = np.random.default_rng(seed)
-    bandwidth = median_bandwidth(reference)
+    """The k-NN domain classifier between ``reference`` and ``current`` embeddings, with its
+    permutation-calibrated threshold and the drivers of the current window (module docstring)."""
+    threshold = calibrated_threshold(reference, len(current), false_alarm_rate=false_alarm_rate,
+                                     permutations=permutations, seed=seed)
     pooled = np.vstack([reference, current])
-    kernel = np.exp(-_squared_distances(pooled, pooled) / (2.0 * bandwidth ** 2))
-    n_reference, n_current = len(reference), len(current)
-    score = _mmd_from_kernel(kernel, np.arange(n_reference), np.arange(n_reference, n_reference + n_current))
-    # Calibration on reference rows only: a random part the size of the window against the rest.
-    size = min(n_current, n_reference // 2)
-    null = []
-    for _ in range(permutations):
-        order = rng.permutation(n_reference)
-        null.append(_mmd_from_kernel(kernel, order[size:], order[:size]))
-    # A window of a different size than the pseudo-windows: the statistic's null scales with 1/n.
-    scale = (1.0 / size + 1.0 / (n_reference - size)) / (1.0 / n_current + 1.0 / n_reference)
-    threshold = float(np.quantile(null, 1.0 - false_alarm_rate, method="higher") * scale)
-    witness = kernel[n_reference:, n_reference:].mean(axis=1) - kernel[n_reference:, :n_reference].mean(axis=1)
-    found = _drivers(witness, current_texts, reference_texts, drivers) if score > threshold else {}
-    return EmbeddingDrift(score=score, threshold=threshold, drifted=bool(score > threshold),
-                          false_alarm_rate=false_alarm_rate, permutations=permutations, bandwidth=bandwidth,
-                          reference_rows=n_reference, current_rows=n_current, drivers=found)
+    is_current = np.zeros(len(pooled), dtype=bool)
+    is_current[len(reference):] = True
+    score, shares = domain_score(neighbours(pooled), is_current)
+    drifted = bool(score > threshold)
+    found = _drivers(shares, current_texts, reference_texts, drivers) if drifted else {}
+    return EmbeddingDrift(score=score, threshold=threshold, drifted=drifted, false_alarm_rate=false_alarm_rate,
+                          permutations=permutations, neighbours=NEIGHBOURS, reference_rows=len(reference),
+                          current_rows=len(current), drivers=found)
 
 
 def _ngrams(text: str) -> set[str]:
@@ -266,6 +286,6 @@ def _drivers(witness: np.ndarray, current_texts: Sequence[str], reference_texts:
         "ngrams": [{"ngram": gram, "driving_share": round(count / pool_size, 3),
                     "reference_share": round(reference.get(gram, 0) / reference_size, 4),
                     "log_odds": round(score, 2)} for score, gram, count in scored[:top]],
-        "examples": [{"text": str(current_texts[i])[:200], "witness": round(float(witness[i]), 4)}
+        "examples": [{"text": str(current_texts[i])[:200], "current_neighbours": round(float(witness[i]), 2)}
                      for i in order[:top]],
     }

@@ -143,13 +143,16 @@ def _summary_html(summary: dict) -> str:
     if summary["columns"]:
         cells = "".join(
             f"<tr><td>{esc(c['column'])}</td><td>{esc(c['kind'])}</td><td>{esc(c['method'])}</td>"
-            f"<td>{c['score']:.4g}</td><td>{esc(c['threshold'])}</td>"
+            f"<td>{c['score']:.4g}</td><td>{esc(c['threshold'])}</td><td>{esc(_tier(c))}</td>"
+            f"<td>{esc(_window_scores(c))}</td>"
             + ("<td style='color:#b3261e'>drift</td></tr>" if c["drifted"] else
                "<td style='color:#1e7b34'>ok</td></tr>")
             for c in summary["columns"])
         parts.append("<h2>Columns</h2><table border='1' cellpadding='4' style='border-collapse:collapse'>"
                      "<tr><th>column</th><th>kind</th><th>method</th><th>score</th><th>threshold</th>"
+                     "<th>decided on</th><th>whole window: JS / PSI / Wasserstein</th>"
                      f"<th>drift</th></tr>{cells}</table>")
+    parts.append(_embedding_html(summary.get("embedding")))
     quality = summary.get("quality")
     if quality and "macro_f1" in quality:
         parts.append(f"<h2>Quality on feedback labels</h2><p>{quality['rows']} labelled records: accuracy "
@@ -161,4 +164,40 @@ def _summary_html(summary: dict) -> str:
         items = "".join(f"<li><code>{esc(s['path'])}</code>: {esc(s['reason'])}</li>" for s in skipped)
         parts.append(f"<h2>Skipped files ({len(skipped)})</h2><ul>{items}</ul>")
     parts.append("</section>")
+    return "".join(parts)
+
+
+def _tier(column: dict) -> str:
+    if column.get("tier") == "window":
+        return f"whole window ({column['window_rows']} records)"
+    return "sample (Evidently)"
+
+
+def _window_scores(column: dict) -> str:
+    scores = column.get("window_scores") or {}
+    return " / ".join(f"{scores[name]:.3g}" if name in scores else "-"
+                      for name in ("jensenshannon", "psi", "wasserstein")) if scores else ""
+
+
+def _embedding_html(embedding: dict | None) -> str:
+    """The embedding signal: score against its calibrated threshold, and what drives the drift."""
+    esc = lambda value: html.escape(str(value))  # noqa: E731
+    if not embedding:
+        return ""
+    if "score" not in embedding:
+        return f"<h2>Sentence embeddings</h2><p>not computed: {esc(embedding.get('skipped'))}</p>"
+    verdict = "drift" if embedding["drifted"] else "ok"
+    parts = [f"<h2>Sentence embeddings</h2><p>{esc(embedding['method'])} on {esc(embedding.get('model', ''))}: "
+             f"score {embedding['score']:.3g}, threshold {embedding['threshold']:.3g} (calibrated to "
+             f"{embedding['false_alarm_rate']:.1%} false alarms over {embedding['permutations']} reference "
+             f"permutations; {embedding['current_rows']} current, {embedding['reference_rows']} reference texts): "
+             f"<b>{verdict}</b></p>"]
+    drivers = embedding.get("drivers") or {}
+    if drivers.get("ngrams"):
+        items = "".join(f"<li><code>{esc(g['ngram'])}</code>: {g['driving_share']:.0%} of the driving texts, "
+                        f"{g['reference_share']:.2%} of the reference</li>" for g in drivers["ngrams"])
+        parts.append(f"<h3>What drives it: n-grams</h3><ul>{items}</ul>")
+    if drivers.get("examples"):
+        items = "".join(f"<li>{esc(e['text'])}</li>" for e in drivers["examples"])
+        parts.append(f"<h3>Example texts of the current window</h3><ul>{items}</ul>")
     return "".join(parts)

@@ -172,34 +172,38 @@ class _Scan:
 
     def keep_newest(self, records: int) -> None:
         """Restrict ``monitored`` to its ``records`` newest records (ties at the cut-off kept)."""
-        row = self.connection.execute(f"SELECT {TIMESTAMP} FROM monitored ORDER BY {TIMESTAMP} DESC "
-                                      f"LIMIT 1 OFFSET {int(records) - 1}").fetchone()
+        rows = self.connection.execute(f"SELECT {TIMESTAMP} FROM monitored ORDER BY {TIMESTAMP} DESC "
+                                       f"LIMIT 1 OFFSET {int(records) - 1}").fetchall()
+        row = rows[0] if rows else None
         if row is not None:
             self._monitored(f"{TIMESTAMP} >= {_literal(pd.Timestamp(row[0]))}")
 
     def count(self) -> tuple[int, object, object, int]:
         return self.connection.execute(
-            f"SELECT count(*), min({TIMESTAMP}), max({TIMESTAMP}), count(*) FILTER (WHERE char_count IS NULL) "
-            f"FROM monitored").fetchone()
+            f"SELECT count(*), min({TIMESTAMP}), max({TIMESTAMP}), count(*) FILTER (WHERE "
+            + " OR ".join(f"{name} IS NULL" for name in STATISTIC_COLUMNS) + ") "
+            "FROM monitored").fetchall()[0]
 
     def value_counts(self) -> dict[str, pd.Series]:
         """Exact value counts of every histogram column over the whole window, in one scan."""
         expressions = [f"histogram(round({name}, {FLOAT_DECIMALS}))" if dtype == "float64" else f"histogram({name})"
                        for name, dtype in STATISTIC_COLUMNS.items()] + [f"histogram({PREDICTION})"]
-        row = self.connection.execute(f"SELECT {', '.join(expressions)} FROM monitored").fetchone()
+        row = self.connection.execute(f"SELECT {', '.join(expressions)} FROM monitored").fetchall()[0]
         counts = {}
         for name, histogram in zip(HISTOGRAM_COLUMNS, row):
             counts[name] = pd.Series(dict(histogram or {}), dtype="int64").sort_index()
         return counts
 
     def add_missing_statistics(self, counts: dict[str, pd.Series]) -> None:
-        """Statistics of the records logged without them, computed from their text in batches."""
-        reader = self.connection.execute(f"SELECT {TEXT} FROM monitored WHERE char_count IS NULL") \
-            .fetch_record_batch(STATISTICS_BATCH)
-        for batch in reader:
-            statistics = text_statistics(batch.column(0).to_pandas().fillna(""))
+        """Statistics the log lacks for some records, computed from their text, batch by batch."""
+        missing = " OR ".join(f"{name} IS NULL" for name in STATISTIC_COLUMNS)
+        relation = self.connection.sql(f"SELECT {TEXT}, {', '.join(STATISTIC_COLUMNS)} FROM monitored WHERE {missing}")
+        for batch in relation.to_arrow_reader(STATISTICS_BATCH):
+            logged = batch.to_pandas()
+            statistics = text_statistics(logged[TEXT].fillna(""))
             for name, dtype in STATISTIC_COLUMNS.items():
-                values = statistics[name].round(FLOAT_DECIMALS) if dtype == "float64" else statistics[name]
+                values = statistics[name][logged[name].isna().to_numpy()]
+                values = values.round(FLOAT_DECIMALS) if dtype == "float64" else values
                 counts[name] = counts[name].add(values.value_counts(), fill_value=0).astype("int64").sort_index()
 
     def sample(self, rows: int, limit: int) -> pd.DataFrame:
