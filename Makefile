@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	touch $@
 
 $(DEV_STAMP): pyproject.toml $(STAMP)
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,cluster]"
 	touch $@
 
 install: $(STAMP)  ## create .venv and install tuneloop
@@ -29,7 +29,7 @@ demo: $(STAMP)  ## run the whole training pipeline locally on the SMS spam examp
 	$(BIN)/tuneloop run --local --config $(EXAMPLE)/tuneloop.yaml
 	$(BIN)/tuneloop models list --config $(EXAMPLE)/tuneloop.yaml
 
-test: $(DEV_STAMP)  ## run the test suite
+test: $(DEV_STAMP)  ## run the test suite (service tests need `make services` once)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: $(DEV_STAMP)  ## the tests not marked slow
@@ -49,7 +49,6 @@ REHEARSAL_ARGS ?=
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(REHEARSAL_STAMP): pyproject.toml $(DEV_STAMP)
-	$(BIN)/python -m pip install --quiet -e ".[dev,cluster]"
 	touch $@
 
 services:  ## install PostgreSQL and Redis from the Debian packages when missing (the rehearsal and service tests need them)
