@@ -29,7 +29,7 @@ demo: $(STAMP)  ## run the whole training pipeline locally on the SMS spam examp
 	$(BIN)/tuneloop run --local --config $(EXAMPLE)/tuneloop.yaml
 	$(BIN)/tuneloop models list --config $(EXAMPLE)/tuneloop.yaml
 
-test: $(DEV_STAMP)  ## run the test suite (service tests need `make services` once)
+test: services $(DEV_STAMP)  ## run the test suite (installs PostgreSQL and Redis first when missing)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: $(DEV_STAMP)  ## the tests not marked slow
