@@ -679,8 +679,11 @@ def load_serving_config(environ: Mapping[str, str] | None = None) -> TuneloopCon
     ``$TUNELOOP_WORKDIR``, else ``$PWD``, else the working directory.
 
     Raises:
-        ConfigError: the file is missing or invalid.
+        ConfigError: the file is missing or invalid, or a ``world: cluster`` config keeps shared
+            state on the replica's own disk.
     """
+    from tuneloop.world import require_cluster_ready
+
     environ = os.environ if environ is None else environ
     workdir = Path(environ.get(WORKDIR_ENV) or environ.get("PWD") or os.getcwd())
     if not workdir.is_dir():
@@ -693,6 +696,8 @@ def load_serving_config(environ: Mapping[str, str] | None = None) -> TuneloopCon
     log_uri = config.deployment.prediction_log_uri
     if log_uri and "://" not in log_uri and not Path(log_uri).is_absolute():
         config.deployment.prediction_log_uri = str(workdir / log_uri)
+    if config.world == "cluster":
+        require_cluster_ready(config, action="serve")
     return resolve_config_paths(config, base_dir=path.resolve().parent)
 
 
