@@ -52,11 +52,14 @@ def _training_lines(run: LocalRun) -> list[str]:
     validation = metrics.get("validation", {})
     if not validation:
         return ["training: no model metadata found"]
+    dp = metadata.get("privacy") or {}
     return [
         f"training: {metadata.get('training', {}).get('method', '?')} fine-tuning of {metadata.get('base_model')} "
         f"on {metadata.get('device')} took {metrics.get('training_seconds', 0):.0f}s; validation accuracy "
         f"{validation.get('accuracy', 0):.4f}, macro-F1 {validation.get('macro_f1', 0):.4f}"
-    ]
+    ] + ([f"privacy: DP-SGD spent epsilon {dp['epsilon']:.3f} at delta {dp['delta']:.2g} (target "
+          f"{dp['target_epsilon']:g}, noise multiplier {dp['noise_multiplier']:.3f}, clipping {dp['max_grad_norm']:g})"]
+         if dp.get("dp") else [])
 
 
 def _compression_lines(run: LocalRun) -> list[str]:

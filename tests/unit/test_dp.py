@@ -127,3 +127,19 @@ def test_the_gate_requires_privacy_max_epsilon(tmp_path, tiny_dataset, monkeypat
     if not blessed:  # (with 27 test rows the statistical gate blesses nothing else either)
         assert result.blessed is False
     assert Path(tmp_path / "d.json").is_file()
+
+
+def test_the_run_summary_shows_the_spent_epsilon(tmp_path):
+    from types import SimpleNamespace
+
+    from tuneloop import summary
+    from tuneloop.artifacts import write_metadata
+
+    record = {"dp": True, "epsilon": 2.9871, "delta": 1e-5, "target_epsilon": 3.0, "noise_multiplier": 0.98,
+              "max_grad_norm": 1.0}
+    write_metadata(tmp_path / "model", {"kind": "model", "privacy": record, "base_model": "tiny", "device": "cpu",
+                                        "training": {"method": "lora"}, "metrics": {"validation": {"macro_f1": 0.9}}})
+    run = SimpleNamespace(task_output=lambda task, name: tmp_path / name)
+    lines = summary._training_lines(run)
+    assert lines[-1] == ("privacy: DP-SGD spent epsilon 2.987 at delta 1e-05 (target 3, noise multiplier 0.980, "
+                         "clipping 1)")
