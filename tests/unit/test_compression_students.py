@@ -244,3 +244,21 @@ def test_unsupported_teacher_architecture_is_named(tmp_path, tiny_dataset):
                                                r"\) is not supported for distillation or pruning"):
         compression.run(config, model_dir, tiny_dataset, output)
     assert not output.exists()
+
+
+def test_unlabelled_texts_come_from_the_train_split_of_unlabelled_rows(tmp_path, labelled_frame):
+    from tuneloop.datasets import assign_split
+
+    extra = labelled_frame.head(60).assign(id=lambda f: "u" + f["id"], text=lambda f: "unlabelled " + f["text"])
+    labelled_frame[["id", "event_timestamp", "text"]].pipe(
+        lambda f: f._append(extra[["id", "event_timestamp", "text"]])).to_parquet(tmp_path / "texts.parquet")
+    labelled_frame[["id", "event_timestamp", "label"]].to_parquet(tmp_path / "labels.parquet")
+    config = make_config(tmp_path)
+    split = config.features.split
+    expected = sorted(extra["id"])
+    expected = [key for key in expected
+                if assign_split(key, validation=split.validation, test=split.test, salt=split.salt) == "train"]
+    texts = distillation.unlabelled_train_texts(config, limit=1000)
+    by_text = dict(zip(extra["text"], extra["id"]))
+    assert [by_text[text] for text in texts] == expected and 0 < len(expected) < 60
+    assert distillation.unlabelled_train_texts(config, limit=3) == texts[:3]

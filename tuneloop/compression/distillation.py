@@ -247,7 +247,7 @@ def unlabelled_train_texts(config: Any, limit: int) -> list[str]:
         return pd.read_parquet(location) if is_uri(location) else read_table(location, what=what)
 
     data, split = config.data, config.features.split
-    texts = table(data.texts, "texts file")
+    texts = table(data.texts, "texts file").reset_index(drop=True)
     labelled = set(table(data.labels, "labels file")[data.id_column].astype(str))
     keys = texts[data.id_column].astype(str)
     unlabelled = texts[~keys.isin(labelled)].assign(_key=keys).sort_values("_key")
