@@ -26,6 +26,7 @@ def test_dp_finetune_records_the_spent_epsilon(tmp_path, tiny_checkpoint, tiny_d
     assert 1.5 < record["epsilon"] <= 3.0 and record["max_grad_norm"] == 0.5 and record["noise_multiplier"] > 0.3
     assert record["delta"] == pytest.approx(1 / (10 * summary.train_rows))
     assert metadata["metrics"]["epsilon"] == record["epsilon"]
+    assert summary.to_metrics()["dp_epsilon"] == pytest.approx(record["epsilon"], abs=1e-3)  # the KFP Metrics
     epsilons = [epoch["epsilon"] for epoch in metadata["metrics"]["history"]]
     assert len(epsilons) == 2 and epsilons[0] < epsilons[1] == pytest.approx(record["epsilon"], abs=1e-3)
     assert not list(output.glob("*.bin"))

@@ -78,6 +78,8 @@ class TrainingSummary:
         }
         for label, values in self.validation_metrics.get("per_class", {}).items():
             metrics[f"validation_f1_{label}"] = values["f1"]
+        if "epsilon" in best:  # DP-SGD (tuneloop.dp): the privacy spent by the kept (last) epoch
+            metrics["dp_epsilon"] = best["epsilon"]
         return metrics
 
     @classmethod
