@@ -299,8 +299,9 @@ def dp_quality(rows: int, epochs: int, method: str, epsilons: list[float], seed:
     from tuneloop.datasets import assign_split
 
     frame["split"] = [assign_split(key, validation=0.15, test=0.15, salt="tuneloop") for key in frame["id"]]
-    train = frame[frame["split"] == "train"].groupby("label", group_keys=False).apply(
-        lambda group: group.sample(frac=min(1.0, rows / (frame["split"] == "train").sum()), random_state=seed))
+    pool = frame[frame["split"] == "train"]
+    share = min(1.0, rows / len(pool))  # stratified: each label keeps its share
+    train = pd.concat([group.sample(frac=share, random_state=seed) for _, group in pool.groupby("label")])
     validation = frame[frame["split"] == "validation"].sample(n=min(300, (frame["split"] == "validation").sum()),
                                                                random_state=seed)
     test = frame[frame["split"] == "test"]
@@ -310,6 +311,8 @@ def dp_quality(rows: int, epochs: int, method: str, epsilons: list[float], seed:
     encoded = {name: encode_split(tokenizer, part, "text", "label", classes, 64)
                for name, part in (("train", train), ("validation", validation), ("test", test))}
     results = {"train_rows": len(train), "test_rows": len(test), "epochs": epochs, "method": method, "runs": []}
+    print(f"  {len(train)} training rows ({train['label'].value_counts().to_dict()}), {len(test)} test rows",
+          flush=True)
     for epsilon in [None, *epsilons]:
         settings = TrainingConfig(method=method, epochs=epochs, batch_size=32, max_length=64, seed=seed,
                                   learning_rate=5e-4 if method == "lora" else 5e-5, checkpoint_every_steps=None,

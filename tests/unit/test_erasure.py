@@ -180,3 +180,29 @@ def test_bad_request_files_are_one_line_errors(project, tmp_path, content, messa
     assert "\n" not in str(caught.value) and caught.value.exit_code == 3
     both = CliRunner().invoke(cli, ["forget", "--config", str(project["file"])])
     assert both.exit_code == 2 and "exactly one of --ids FILE or --texts FILE" in both.output
+
+
+def test_forget_on_the_object_store_rewrites_sources_and_the_shared_log(tmp_path, s3_endpoint, monkeypatch):
+    """The cluster world: sources and prediction log on s3://, the same erasure."""
+    monkeypatch.delenv(prediction_log.LOG_URI_ENV, raising=False)
+    prefix = f"s3://tuneloop/erasure-{tmp_path.name}"
+    texts = pd.read_parquet(EXAMPLE / "texts.parquet").head(50)
+    labels = pd.read_parquet(EXAMPLE / "labels.parquet").head(50)
+    texts.to_parquet(f"{prefix}/texts.parquet", index=False)
+    labels.to_parquet(f"{prefix}/labels.parquet", index=False)
+    config = make_config(tmp_path, data={"texts": f"{prefix}/texts.parquet", "labels": f"{prefix}/labels.parquet",
+                                         "classes": ["ham", "spam"]},
+                         deployment={"prediction_log_uri": f"{prefix}/log"})
+    served = dt.datetime(2026, 11, 30, 10, 0, tzinfo=dt.timezone.utc)
+    records = [{"request_id": prediction_log.new_request_id(served + dt.timedelta(seconds=i)),
+                "timestamp": served + dt.timedelta(seconds=i), "model_version": "1", "text": text,
+                "predicted_label": "ham", "confidence": 0.9} for i, text in enumerate(texts["text"].head(4))]
+    prediction_log.append(f"{prefix}/log", records)
+
+    report = erasure.forget(config, ids=texts["id"].head(2).tolist())
+    assert report.exit_code == 0 and report.source_rows_removed == {"texts.parquet": 2, "labels.parquet": 2}
+    assert report.log_records_removed == {"predictions": 2, "feedback": 0}
+    remaining = pd.read_parquet(f"{prefix}/texts.parquet")
+    assert len(remaining) == 48 and not set(texts["id"].head(2)) & set(remaining["id"])
+    assert prediction_log.read_predictions(f"{prefix}/log")["text"].tolist() == texts["text"].iloc[2:4].tolist()
+    assert erasure.forget(config, ids=texts["id"].head(2).tolist()).already_done
