@@ -350,3 +350,10 @@ def test_the_drift_reference_shows_texts_as_the_log_stores_them(tmp_path, mode, 
                                                    rows_available=1), None)
     assert prepared["text"].tolist() == [expected]
     assert prepared["char_count"].tolist() == [len(raw)]  # statistics of the training text
+
+
+def test_a_configured_ner_model_that_cannot_load_is_one_line_error():
+    """Names need Presidio and an installed spaCy model; neither is downloaded at run time."""
+    with pytest.raises(ConfigError) as caught:
+        privacy.PiiScanner(["person"], ner_model="no_such_spacy_model")
+    assert caught.value.field == "privacy.ner_model" and "\n" not in str(caught.value)
