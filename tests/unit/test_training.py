@@ -100,7 +100,9 @@ def test_saved_weights_are_the_best_epochs(tmp_path, tiny_checkpoint, tiny_datas
     best = summary.history[summary.best_epoch - 1]
     assert loss == pytest.approx(best["validation_loss"], rel=1e-4)
     assert metrics["macro_f1"] == best["validation"]["macro_f1"] == summary.validation_metrics["macro_f1"]
-    assert summary.best_epoch == max(summary.history, key=lambda h: (h["validation"]["macro_f1"], -h["epoch"]))["epoch"]
+    best_f1 = max(h["validation"]["macro_f1"] for h in summary.history)
+    tied = [h for h in summary.history if h["validation"]["macro_f1"] == best_f1]
+    assert summary.best_epoch == min(tied, key=lambda h: h["validation_loss"])["epoch"]
 
 
 def test_patience_not_below_epochs_is_refused(tmp_path, tiny_checkpoint, tiny_dataset):

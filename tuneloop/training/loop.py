@@ -31,6 +31,8 @@ from tuneloop.training.checkpoints import CheckpointStore, optimizer_payload, re
 from tuneloop.training.data import Collator, EncodedSplit, evaluation_batches, global_batches, rank_share
 
 PROGRESS_UPDATES_PER_EPOCH = 10
+LOSS_MIN_DELTA = 1e-4
+"""At equal validation macro-F1, an epoch is better only if its validation loss is lower by this much."""
 IDENTITY_FIELDS = ("base_model", "method", "lora", "epochs", "batch_size", "learning_rate", "weight_decay",
                    "warmup_ratio", "max_length", "seed", "max_train_rows", "gradient_accumulation",
                    "class_weights", "group_by_length", "early_stopping_patience")
@@ -49,6 +51,7 @@ class LoopState:
     history: list[dict] = field(default_factory=list)
     best_epoch: int = 0
     best_macro_f1: float = -1.0
+    best_validation_loss: float = 1e300  # breaks macro-F1 ties (a model that still predicts one class)
     stale_epochs: int = 0
     stopped_early: bool = False
     resumed_from_step: int = 0
@@ -209,9 +212,11 @@ def _end_epoch(accelerator, model, validation, collate, classes, settings, state
     train_loss = state.loss_sum / max(state.loss_rows, 1)
     state.history.append({"epoch": state.epoch, "train_loss": train_loss, "validation_loss": validation_loss,
                           "validation": metrics})
-    improved = metrics["macro_f1"] > state.best_macro_f1
+    improved = metrics["macro_f1"] > state.best_macro_f1 or (
+        metrics["macro_f1"] == state.best_macro_f1 and validation_loss < state.best_validation_loss - LOSS_MIN_DELTA)
     if improved:
         state.best_epoch, state.best_macro_f1, state.stale_epochs = state.epoch, metrics["macro_f1"], 0
+        state.best_validation_loss = validation_loss
         weights = accelerator.unwrap_model(model).state_dict()
         best = {key: value.detach().cpu().clone() for key, value in weights.items()}
     else:
