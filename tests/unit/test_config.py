@@ -21,7 +21,7 @@ def test_minimal_config_fills_defaults_and_resolves_paths(tmp_path):
     config = load_config(path)
     assert config.data.texts == str((tmp_path / "data/t.parquet").resolve())
     assert config.training.base_model == PRETRAINED_PACKAGE_MODEL
-    assert config.evaluation.thresholds == {"macro_f1": 0.9}
+    assert config.evaluation.thresholds == {} and config.evaluation.baseline and config.evaluation.confidence == 0.95
     assert config.state_dir.is_absolute()
 
 
