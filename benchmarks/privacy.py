@@ -36,14 +36,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tuneloop import privacy  # noqa: E402
-from tuneloop.config import PrivacyConfig, TrainingConfig  # noqa: E402
+from tuneloop import privacy
+from tuneloop.config import PrivacyConfig, TrainingConfig
 
 EXAMPLE = ROOT / "examples" / "sms_spam"
 TYPES = ["email", "phone", "card", "iban", "ip", "url"]
@@ -288,7 +287,6 @@ def dp_quality(rows: int, epochs: int, method: str, epsilons: list[float], seed:
 
     from tuneloop.config import resolve_base_model
     from tuneloop.dp import train_private
-    from tuneloop.metrics import classification_metrics
     from tuneloop.training.data import Collator, encode_split
     from tuneloop.training.finetune import _load_model
     from tuneloop.training.loop import evaluate, train_model

@@ -18,8 +18,8 @@ verdict). A DP run writes no checkpoints: a retried run starts over.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -135,7 +135,12 @@ def train_private(model, tokenizer, train, validation, classes: list[str], setti
     from opacus.validators import ModuleValidator
 
     from tuneloop.training.data import Collator
-    from tuneloop.training.loop import LoopResult, LoopState, class_weight_vector, evaluate
+    from tuneloop.training.loop import (
+        LoopResult,
+        LoopState,
+        class_weight_vector,
+        evaluate,
+    )
 
     rows = len(train)
     check_settings(settings, rows)

@@ -32,9 +32,10 @@ import datetime as dt
 import hashlib
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import sqlalchemy as sa
@@ -119,20 +120,20 @@ class ForgetReport:
 # Hashing and the audit log
 
 
-def subject_hash(config: "TuneloopConfig", kind: str, value: str) -> str:
+def subject_hash(config: TuneloopConfig, kind: str, value: str) -> str:
     """The audit log's hash of an id or text (salted with the project, so equal ids of two projects differ)."""
-    return hashlib.sha256(f"tuneloop-erasure\0{config.name}\0{kind}\0{value}".encode("utf-8")).hexdigest()
+    return hashlib.sha256(f"tuneloop-erasure\0{config.name}\0{kind}\0{value}".encode()).hexdigest()
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat()
+    return dt.datetime.now(dt.UTC).isoformat()
 
 
 def _tables(connection: sa.Connection) -> None:
     _metadata.create_all(connection, checkfirst=True)
 
 
-def erased_hashes(config: "TuneloopConfig") -> set[str]:
+def erased_hashes(config: TuneloopConfig) -> set[str]:
     """Every erased subject hash of the project (ids and texts)."""
     with state_store.transaction(config) as connection:
         _tables(connection)
@@ -141,7 +142,7 @@ def erased_hashes(config: "TuneloopConfig") -> set[str]:
         return {row.subject_hash for row in rows}
 
 
-def audit_entries(config: "TuneloopConfig") -> list[dict[str, Any]]:
+def audit_entries(config: TuneloopConfig) -> list[dict[str, Any]]:
     """The project's erasure audit log, oldest first."""
     with state_store.transaction(config) as connection:
         _tables(connection)
@@ -150,7 +151,7 @@ def audit_entries(config: "TuneloopConfig") -> list[dict[str, Any]]:
         return [dict(row._mapping) for row in rows]
 
 
-def _begin(config: "TuneloopConfig", audit_id: str, hashes: dict[str, str]) -> bool:
+def _begin(config: TuneloopConfig, audit_id: str, hashes: dict[str, str]) -> bool:
     """Record the erasure as started; True when this erasure's own earlier attempt was already there
     (a retry after a crash: what it removed is gone, the rest is done now)."""
     with state_store.transaction(config, lock="tuneloop-erasure") as connection:
@@ -162,7 +163,7 @@ def _begin(config: "TuneloopConfig", audit_id: str, hashes: dict[str, str]) -> b
         return exists is not None
 
 
-def _finish(config: "TuneloopConfig", audit_id: str, hashes: dict[str, str], summary: dict) -> None:
+def _finish(config: TuneloopConfig, audit_id: str, hashes: dict[str, str], summary: dict) -> None:
     with state_store.transaction(config, lock="tuneloop-erasure") as connection:
         known = {row.subject_hash for row in connection.execute(
             sa.select(erased_subjects.c.subject_hash).where(erased_subjects.c.project == config.name,
@@ -175,7 +176,7 @@ def _finish(config: "TuneloopConfig", audit_id: str, hashes: dict[str, str], sum
                            .values(status="done", finished_at=_now(), summary=state_store.dumps(summary)))
 
 
-def _done_hashes(config: "TuneloopConfig", hashes: Iterable[str]) -> set[str]:
+def _done_hashes(config: TuneloopConfig, hashes: Iterable[str]) -> set[str]:
     with state_store.transaction(config) as connection:
         _tables(connection)
         rows = connection.execute(sa.select(erased_subjects.c.subject_hash).where(
@@ -233,7 +234,7 @@ def _write_source(frame: pd.DataFrame, location: str) -> None:
     os.replace(temporary, path)
 
 
-def _archive(config: "TuneloopConfig", location: str, audit_id: str) -> str | None:
+def _archive(config: TuneloopConfig, location: str, audit_id: str) -> str | None:
     """Copy the version about to be replaced under ``privacy.erasure.archive_uri`` (``archive`` mode)."""
     settings = config.privacy.erasure
     if settings.retired_sources != "archive":
@@ -247,7 +248,7 @@ def _archive(config: "TuneloopConfig", location: str, audit_id: str) -> str | No
     return target
 
 
-def _source_matches(config: "TuneloopConfig", ids: set[str], texts: set[str]) -> tuple[set[str], dict[str, str]]:
+def _source_matches(config: TuneloopConfig, ids: set[str], texts: set[str]) -> tuple[set[str], dict[str, str]]:
     """The entity ids the request names (given ids present in the sources, ids of the given texts) and
     the texts of those ids (to find them in the prediction log)."""
     from tuneloop.datasets import read_table
@@ -263,7 +264,7 @@ def _source_matches(config: "TuneloopConfig", ids: set[str], texts: set[str]) ->
     return matched, {key: text for key, text in zip(keys[chosen], values[chosen])}
 
 
-def _rewrite_sources(config: "TuneloopConfig", entity_ids: set[str], audit_id: str) -> dict[str, int]:
+def _rewrite_sources(config: TuneloopConfig, entity_ids: set[str], audit_id: str) -> dict[str, int]:
     """Write the sources without the rows of ``entity_ids``; returns rows removed per file."""
     from tuneloop.datasets import read_table
 
@@ -282,9 +283,13 @@ def _rewrite_sources(config: "TuneloopConfig", entity_ids: set[str], audit_id: s
     return removed
 
 
-def _refresh_prepared_texts(config: "TuneloopConfig") -> None:
+def _refresh_prepared_texts(config: TuneloopConfig) -> None:
     """Rewrite Feast's prepared copy of the texts, when one exists, from the new texts version."""
-    from tuneloop.features.definitions import prepare_texts, prepared_texts_uri, prepared_fingerprint
+    from tuneloop.features.definitions import (
+        prepare_texts,
+        prepared_fingerprint,
+        prepared_texts_uri,
+    )
 
     if prepared_fingerprint(prepared_texts_uri(config)) is not None:
         prepare_texts(config)
@@ -294,7 +299,7 @@ def _refresh_prepared_texts(config: "TuneloopConfig") -> None:
 # The prediction log
 
 
-def _log_text_forms(config: "TuneloopConfig", texts: Iterable[str]) -> set[str]:
+def _log_text_forms(config: TuneloopConfig, texts: Iterable[str]) -> set[str]:
     """The erased texts as the prediction log may hold them: as served (before masking existed, or
     ``raw``), and as ``privacy.prediction_log`` stores them now."""
     from tuneloop import privacy
@@ -310,7 +315,7 @@ def _log_text_forms(config: "TuneloopConfig", texts: Iterable[str]) -> set[str]:
     return {form for form in forms if form}
 
 
-def _purge_log(config: "TuneloopConfig", request_ids: set[str], texts: set[str]) -> tuple[dict[str, int], set[str]]:
+def _purge_log(config: TuneloopConfig, request_ids: set[str], texts: set[str]) -> tuple[dict[str, int], set[str]]:
     """Delete matching prediction records and their feedback; returns counts and the request ids found."""
     from tuneloop import prediction_log as plog
 
@@ -371,7 +376,7 @@ def _read_log_file(fs, path: str, uri: str):
 # The registry
 
 
-def _tag_versions(config: "TuneloopConfig", entity_ids: set[str], texts: set[str], audit_id: str) -> list[str]:
+def _tag_versions(config: TuneloopConfig, entity_ids: set[str], texts: set[str], audit_id: str) -> list[str]:
     """Tag every registry version whose training frame held one of the erased rows."""
     import tempfile
 
@@ -382,11 +387,8 @@ def _tag_versions(config: "TuneloopConfig", entity_ids: set[str], texts: set[str
         return []
     mlflow_client = registry.client(config)
     name = config.registry.model_name
-    try:
-        versions = registry.call(config, f"listing versions of {name!r}", mlflow_client.search_model_versions,
-                                 f"name = '{name}'")
-    except TuneloopError:
-        raise
+    versions = registry.call(config, f"listing versions of {name!r}", mlflow_client.search_model_versions,
+                             f"name = '{name}'")
     tagged, frames = [], {}
     data = config.data
     for version in versions:
@@ -427,7 +429,7 @@ def _single_file(local: Path) -> Path:
 # The command
 
 
-def forget(config: "TuneloopConfig", *, ids: list[str] | None = None, texts: list[str] | None = None) -> ForgetReport:
+def forget(config: TuneloopConfig, *, ids: list[str] | None = None, texts: list[str] | None = None) -> ForgetReport:
     """Erase the given ids or texts from sources, prediction log and (by tag) registry lineage.
 
     Raises:
@@ -486,7 +488,7 @@ def _label(kind: str, subjects: list[str], subject: str) -> str:
     return subject if kind == "id" else f"text #{subjects.index(subject) + 1}"
 
 
-def exclude_erased(frame: pd.DataFrame, config: "TuneloopConfig") -> tuple[pd.DataFrame, int]:
+def exclude_erased(frame: pd.DataFrame, config: TuneloopConfig) -> tuple[pd.DataFrame, int]:
     """The training frame without erased ids and texts (by their audit-log hashes); returns the rows removed."""
     hashes = erased_hashes(config)
     if not hashes or frame.empty:

@@ -42,8 +42,9 @@ import hmac
 import ipaddress
 import os
 import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING
 
 from tuneloop.errors import ConfigError
 
@@ -309,11 +310,11 @@ class PiiScanner:
     def pseudonym(self, match: PiiMatch) -> str:
         """``<TYPE_xxxxxxxxxxxx>``: the first 48 bits of HMAC-SHA256(key, type and normalised value)."""
         assert self.key is not None
-        digest = hmac.new(self.key, f"{match.type}:{match.normalised}".encode("utf-8"), hashlib.sha256).hexdigest()
+        digest = hmac.new(self.key, f"{match.type}:{match.normalised}".encode(), hashlib.sha256).hexdigest()
         return f"{PLACEHOLDERS[match.type][:-1]}_{digest[:12]}>"
 
 
-def pseudonym_key(privacy: "PrivacyConfig", environ: Mapping[str, str] | None = None) -> bytes | None:
+def pseudonym_key(privacy: PrivacyConfig, environ: Mapping[str, str] | None = None) -> bytes | None:
     """The pseudonym key from ``$<privacy.pseudonym_key_env>``; None when no variable is configured.
 
     Raises:
@@ -329,7 +330,7 @@ def pseudonym_key(privacy: "PrivacyConfig", environ: Mapping[str, str] | None = 
     return value.encode("utf-8")
 
 
-def scanner(privacy: "PrivacyConfig", *, key: bytes | None = None) -> PiiScanner:
+def scanner(privacy: PrivacyConfig, *, key: bytes | None = None) -> PiiScanner:
     """The scanner of a ``privacy`` section (built once per settings and key, then shared)."""
     return _cached_scanner(tuple(privacy.pii_types), tuple(privacy.phone_regions), privacy.ner_model, key)
 
@@ -340,7 +341,7 @@ def _cached_scanner(types: tuple[str, ...], regions: tuple[str, ...], ner_model:
     return PiiScanner(types, phone_regions=regions, ner_model=ner_model, key=key)
 
 
-def text_policy(privacy: "PrivacyConfig", mode: str, *,
+def text_policy(privacy: PrivacyConfig, mode: str, *,
                 environ: Mapping[str, str] | None = None) -> Callable[[str], str | None]:
     """What a sink stores of one text under ``mode``: masked, pseudonymised, None (dropped) or as is.
 
@@ -373,7 +374,7 @@ def _dropped(text: str) -> None:
     return None
 
 
-def log_text_policy(privacy: "PrivacyConfig", environ: Mapping[str, str] | None = None):
+def log_text_policy(privacy: PrivacyConfig, environ: Mapping[str, str] | None = None):
     """The policy of the prediction log (``privacy.prediction_log``); None when texts are kept raw."""
     if privacy.prediction_log == "raw":
         return None
@@ -384,7 +385,7 @@ def log_text_policy(privacy: "PrivacyConfig", environ: Mapping[str, str] | None 
 # Counting (validation) and frames (training)
 
 
-def pii_summary(texts: Iterable[str | None], privacy: "PrivacyConfig") -> dict:
+def pii_summary(texts: Iterable[str | None], privacy: PrivacyConfig) -> dict:
     """Rows with personal data, per type and in total, as the validation report shows them.
 
     Returns ``{"rows", "rows_with_pii", "row_share", "types": {type: {"rows", "matches"}}, "detected",
@@ -425,7 +426,7 @@ def pii_table_html(summary: dict) -> str:
             f"personal data.</p><table><tr><th>type</th><th>rows</th><th>matches</th></tr>{body}</table>{missing}")
 
 
-def apply_to_training_frame(frame, text_column: str, privacy: "PrivacyConfig"):
+def apply_to_training_frame(frame, text_column: str, privacy: PrivacyConfig):
     """The training frame under ``privacy.training``: unchanged (``keep``), texts masked (``mask``), or
     the rows holding personal data removed (``drop_rows``). Returns ``(frame, rows_changed)``.
 
@@ -450,7 +451,7 @@ TEXT_PRIVACY_KEY = "tuneloop.text_privacy"
 its texts were treated, so serving applies the same function to requests."""
 
 
-def text_privacy_record(privacy: "PrivacyConfig") -> dict:
+def text_privacy_record(privacy: PrivacyConfig) -> dict:
     """What a Dataset and a model record about their texts: the training mode and the scanner settings."""
     return {"training": privacy.training, "pii_types": list(privacy.pii_types),
             "phone_regions": list(privacy.phone_regions), "ner_model": privacy.ner_model}
@@ -468,7 +469,7 @@ def request_masker(record: Mapping | None) -> Callable[[str], str] | None:
     return scanner(settings).mask
 
 
-def serving_masker(model_dir, privacy: "PrivacyConfig") -> Callable[[str], str] | None:
+def serving_masker(model_dir, privacy: PrivacyConfig) -> Callable[[str], str] | None:
     """The mask serving applies to requests of the model in ``model_dir`` before predicting: the one its
     training frame used (``tuneloop.json`` :data:`TEXT_PRIVACY_KEY`; a model without that record is
     taken as trained under the config's ``privacy.training``), or None when it was trained on raw text."""
@@ -499,7 +500,7 @@ def private_training_frame(frame, config):
     return frame
 
 
-def texts_as_logged(frame, column: str, privacy: "PrivacyConfig", environ: Mapping[str, str] | None = None):
+def texts_as_logged(frame, column: str, privacy: PrivacyConfig, environ: Mapping[str, str] | None = None):
     """``frame`` with ``column`` as the prediction log stores served texts (``privacy.prediction_log``;
     dropped texts become empty). The drift monitor compares its reference this way, so masking cannot look
     like drift, and its report shows no raw text unless the log mode is ``raw``."""

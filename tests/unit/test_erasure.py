@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -50,7 +49,7 @@ def project(tmp_path, monkeypatch):
     assert registry.alias_version(config, registry.CHAMPION) == "2"
 
     masked = privacy.scanner(config.privacy).mask
-    served = dt.datetime(2026, 11, 30, 10, 0, tzinfo=dt.timezone.utc)
+    served = dt.datetime(2026, 11, 30, 10, 0, tzinfo=dt.UTC)
     records = []
     for index, text in enumerate(texts["text"].head(5).tolist() + ["someone else entirely"]):
         for form in {text, masked(text)}:
@@ -193,7 +192,7 @@ def test_forget_on_the_object_store_rewrites_sources_and_the_shared_log(tmp_path
     config = make_config(tmp_path, data={"texts": f"{prefix}/texts.parquet", "labels": f"{prefix}/labels.parquet",
                                          "classes": ["ham", "spam"]},
                          deployment={"prediction_log_uri": f"{prefix}/log"})
-    served = dt.datetime(2026, 11, 30, 10, 0, tzinfo=dt.timezone.utc)
+    served = dt.datetime(2026, 11, 30, 10, 0, tzinfo=dt.UTC)
     records = [{"request_id": prediction_log.new_request_id(served + dt.timedelta(seconds=i)),
                 "timestamp": served + dt.timedelta(seconds=i), "model_version": "1", "text": text,
                 "predicted_label": "ham", "confidence": 0.9} for i, text in enumerate(texts["text"].head(4))]

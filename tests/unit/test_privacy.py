@@ -244,12 +244,16 @@ def _log_bytes(uri) -> bytes:
 
 
 def test_default_mode_never_writes_planted_pii_to_the_log_bytes(tmp_path, compressed_dir, monkeypatch):
-    from tuneloop.prediction_log import LOG_URI_ENV, prediction_log_uri, read_predictions
+    from tuneloop.prediction_log import (
+        LOG_URI_ENV,
+        prediction_log_uri,
+        read_predictions,
+    )
 
     monkeypatch.delenv(LOG_URI_ENV, raising=False)
     config = make_config(tmp_path)
     assert config.privacy.prediction_log == "mask"
-    runtime, answers = _serve_and_flush(config, compressed_dir, PLANTED)
+    _serve_and_flush(config, compressed_dir, PLANTED)
     uri = prediction_log_uri(config)
     raw = _log_bytes(uri)
     for secret in SECRETS:
@@ -263,7 +267,11 @@ def test_default_mode_never_writes_planted_pii_to_the_log_bytes(tmp_path, compre
 
 
 def test_pseudonymise_and_drop_text_modes(tmp_path, compressed_dir, monkeypatch):
-    from tuneloop.prediction_log import LOG_URI_ENV, prediction_log_uri, read_predictions
+    from tuneloop.prediction_log import (
+        LOG_URI_ENV,
+        prediction_log_uri,
+        read_predictions,
+    )
 
     monkeypatch.delenv(LOG_URI_ENV, raising=False)
     monkeypatch.setenv("TEST_PSEUDONYM_KEY", "k1")
