@@ -156,11 +156,11 @@ def _begin(config: TuneloopConfig, audit_id: str, hashes: dict[str, str]) -> boo
     (a retry after a crash: what it removed is gone, the rest is done now)."""
     with state_store.transaction(config, lock="tuneloop-erasure") as connection:
         _tables(connection)
-        exists = connection.execute(sa.select(erasures.c.audit_id).where(erasures.c.audit_id == audit_id)).first()
+        exists = connection.execute(sa.select(erasures.c.status).where(erasures.c.audit_id == audit_id)).first()
         if exists is None:
             connection.execute(erasures.insert().values(audit_id=audit_id, project=config.name, status="started",
                                                         subjects=len(hashes), started_at=_now(), summary="{}"))
-        return exists is not None
+        return exists is not None and exists.status == "started"
 
 
 def _finish(config: TuneloopConfig, audit_id: str, hashes: dict[str, str], summary: dict) -> None:

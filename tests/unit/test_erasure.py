@@ -141,9 +141,12 @@ def test_ids_that_match_nothing_are_reported_per_id_with_their_own_exit_code(pro
     assert f"{known}: erased" in result.output
     assert "no-such-id: matched nothing" in result.output and "another-unknown: matched nothing" in result.output
     assert "error: 2 of 3 given ids matched nothing: no-such-id, another-unknown" in result.output
-    # the unknown ids were not recorded as erased: asked again, they are still reported
+    # the unknown ids were not recorded as erased: asked again, alone or in the same request, still reported
     again = _forget(project, tmp_path, ids=["no-such-id"])
     assert again.exit_code == 13 and "no-such-id: matched nothing" in again.output
+    repeated = _forget(project, tmp_path, ids=[known, "no-such-id", "another-unknown"])
+    assert repeated.exit_code == 13 and f"{known}: already erased" in repeated.output
+    assert "another-unknown: matched nothing" in repeated.output
 
 
 def test_forget_by_text_and_by_request_id(project, tmp_path):
