@@ -1,7 +1,8 @@
 """Training benchmark: tuneloop's fine-tuning loop against the transformers ``Trainer``, in one run.
 
     .venv/bin/python benchmarks/training.py [--train-rows N] [--epochs N] [--checkpoint-every N]
-        [--validation-rows N] [--threads N] [--trials N] [--trial-rows N] [--skip trainer,checkpoints,ddp,search]
+        [--batch-size N] [--validation-rows N] [--threads N] [--trials N] [--trial-rows N]
+        [--skip trainer,checkpoints,ddp,search]
 
 Data: the SMS spam example (``examples/sms_spam/data``), texts joined to labels by id and split by
 ``tuneloop.datasets.assign_split`` with the default shares and salt; ``--train-rows`` rows of the
@@ -11,8 +12,9 @@ train split and ``--validation-rows`` of the validation split (seeded samples). 
 
 Rows printed, each measured in this run:
 
-1. **ours vs Trainer**: ``tuneloop.training.run`` with the example's settings (batch 32, lr 5e-5,
-   length-grouped dynamic padding, per-epoch validation, best epoch kept) against
+1. **ours vs Trainer**: ``tuneloop.training.run`` (``--batch-size``, default 8 like the Trainer, so
+   both take the same optimizer steps; lr 5e-5, warm-up 10%, length-grouped dynamic padding,
+   per-epoch validation, best epoch kept) against
    ``transformers.Trainer`` with default ``TrainingArguments`` (batch 8, lr 5e-5, linear schedule,
    no evaluation during training) on texts padded to max_length. Training samples per second
    (rows x epochs / time in optimizer steps; ours is also shown with its per-epoch validation and
@@ -60,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--train-rows", type=int, default=1000, help="training rows (seeded sample of the split)")
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="tuneloop's batch size (8: the Trainer's default, so both take the same optimizer steps)")
     parser.add_argument("--validation-rows", type=int, default=300, help="validation rows (seeded sample of the split)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per process for every row (1: steadier on a loaded shared machine)")
@@ -79,11 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(scratch)
         dataset = _dataset(work / "dataset.parquet", args.train_rows, args.validation_rows)
         rows = len(load_split(dataset, "train"))
-        config = _config(work, args.epochs, torch_threads=args.threads)
+        config = _config(work, args.epochs, torch_threads=args.threads, batch_size=args.batch_size)
         ours = _ours(config, dataset, work / "ours", checkpoint_every=None)
         report = [f"data: {rows} train rows, {len(load_split(dataset, 'validation'))} validation rows, "
                   f"{args.epochs} epochs, max_length {MAX_LENGTH}, seed {SEED}"]
-        report.append(_row("tuneloop (batch 32, dynamic length-grouped padding)", ours))
+        report.append(_row(f"tuneloop (batch {args.batch_size}, dynamic length-grouped padding)", ours))
         if "trainer" not in skip:
             baseline = _trainer(dataset, work / "trainer", args.epochs)
             report.append(_row("transformers Trainer (default TrainingArguments, padding to max_length)", baseline))
@@ -120,8 +124,8 @@ def _config(work: Path, epochs: int, **training_overrides):
     return parse_config({
         "name": "bench", "state_dir": str(work / "state"),
         "data": DATA_SECTION,
-        "training": {"epochs": epochs, "batch_size": 32, "learning_rate": LEARNING_RATE, "max_length": MAX_LENGTH,
-                     "seed": SEED, **training_overrides},
+        "training": {"epochs": epochs, "learning_rate": LEARNING_RATE, "max_length": MAX_LENGTH, "seed": SEED,
+                     "batch_size": 32, **training_overrides},
     }, source="benchmark")
 
 
