@@ -144,3 +144,18 @@ def test_the_run_summary_shows_the_spent_epsilon(tmp_path):
     lines = summary._training_lines(run)
     assert lines[-1] == ("privacy: DP-SGD spent epsilon 2.987 at delta 1e-05 (target 3, noise multiplier 0.980, "
                          "clipping 1)")
+
+
+def test_the_registry_records_the_spent_epsilon(tmp_path, tiny_dataset):
+    from tests.conftest import make_config
+    from tuneloop import registry
+    from tuneloop.artifacts import write_metadata
+
+    record = {"dp": True, "epsilon": 2.99, "delta": 1e-5}
+    write_metadata(tmp_path / "compressed", {"kind": "compressed_model", "runtime": "onnxruntime", "precision": "int8",
+                                             "labels": ["ham", "spam"], "privacy": record})
+    (tmp_path / "compressed" / "model.onnx").write_bytes(b"onnx bytes")
+    config = make_config(tmp_path)
+    decision = {"blessed": True, "checks": [], "test_metrics": {"macro_f1": 0.95, "accuracy": 0.97, "rows": 10}}
+    registry.register(config, tmp_path / "compressed", decision, tiny_dataset, pipeline_run="dp-run")
+    assert registry.list_versions(config)[0]["privacy"] == record
