@@ -147,6 +147,8 @@ def make_config(state_dir: Path, **monitoring_settings):
     raw = {"name": "drift-bench", "state_dir": str(state_dir),
            "data": {"texts": str(DATA / "texts.parquet"), "labels": str(DATA / "labels.parquet"),
                     "classes": ["ham", "spam"]},
+           # the benchmark logs texts as they are (prediction_log.append), so the reference is compared raw too
+           "privacy": {"prediction_log": "raw"},
            "monitoring": {"trigger": "none", **monitoring_settings}}
     return resolve_config_paths(parse_config(raw, source="benchmark"), base_dir=ROOT)
 
@@ -241,7 +243,7 @@ def scipy_baseline(reference: pd.DataFrame, current: pd.DataFrame) -> dict:
 
 
 def write_big_log(folder: Path, test: pd.DataFrame, model, rows: int, seed: int, rows_per_file: int = 100_000) -> None:
-    """``rows`` prediction records over the 24 hours before NOW, written with pyarrow directly: test-split
+    """``rows`` prediction records (under ``folder``, the log's ``predictions`` kind folder) over the 24 hours before NOW, written with pyarrow directly: test-split
     messages drawn with replacement, their statistics and predictions computed once per message."""
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -258,7 +260,7 @@ def write_big_log(folder: Path, test: pd.DataFrame, model, rows: int, seed: int,
     for hour in range(hours):
         first, last = hour * per_hour, min((hour + 1) * per_hour, rows)
         moment = NOW - pd.Timedelta(hours=24) + pd.Timedelta(hours=hour)
-        folder_hour = folder / "predictions" / f"date={moment:%Y-%m-%d}" / f"hour={moment.hour:02d}"
+        folder_hour = folder / f"date={moment:%Y-%m-%d}" / f"hour={moment.hour:02d}"
         folder_hour.mkdir(parents=True, exist_ok=True)
         for chunk, offset in enumerate(range(first, last, rows_per_file)):
             end = min(offset + rows_per_file, last)
@@ -278,7 +280,8 @@ def cost(args, test: pd.DataFrame, model, reference: pd.DataFrame, scratch: Path
 
     state = scratch / "cost"
     started = time.perf_counter()
-    write_big_log(state, test, model, args.rows, args.seed)
+    records = state / "predictions" / prediction_log.PREDICTIONS
+    write_big_log(records, test, model, args.rows, args.seed)
     generated = time.perf_counter() - started
     config = make_config(state)
     timings: dict[str, list[float]] = {"ours": [], "scipy": []}
@@ -290,7 +293,7 @@ def cost(args, test: pd.DataFrame, model, reference: pd.DataFrame, scratch: Path
         assert report.summary["rows"]["current"] == args.rows, report.summary["rows"]
     columns = [*monitoring.NUMERICAL_STATISTICS, *monitoring.CATEGORICAL_STATISTICS, "predicted_label"]
     started = time.perf_counter()
-    current = ds.dataset(state / "predictions", format="parquet", partitioning="hive").to_table(columns=columns) \
+    current = ds.dataset(records, format="parquet", partitioning="hive").to_table(columns=columns) \
         .to_pandas()
     loaded = time.perf_counter() - started
     reference_rows = reference.rename(columns={"label": "predicted_label"})
@@ -299,7 +302,7 @@ def cost(args, test: pd.DataFrame, model, reference: pd.DataFrame, scratch: Path
         scipy_baseline(reference_rows, current)
         timings["scipy"].append(time.perf_counter() - started)
     median = {name: statistics.median(values) for name, values in timings.items()}
-    return {"rows": args.rows, "files": len(list((state / "predictions").rglob("*.parquet"))),
+    return {"rows": args.rows, "files": len(list(records.rglob("*.parquet"))),
             "repeats": args.repeats, "seconds_generate": generated, "seconds_scipy_load": loaded,
             "seconds_median": median, "seconds_all": timings, "ratio_ours_to_scipy": median["ours"] / median["scipy"],
             "sample_rows": report.summary["rows"].get("analysed"), "verdict": report.summary["verdict"]}

@@ -507,13 +507,15 @@ def tiny_embedder(tiny_checkpoint):
 
 
 def test_embedding_signal_joins_the_decision_and_names_its_drivers(tmp_path, reference, tiny_embedder):
+    # write_log stores texts raw (the server masks them by default): compare the reference raw too
     config = make_config(tmp_path, monitoring={"min_rows": 100, "drift_share": 1.0, "prediction_drift": False,
-                                               "embedding_max_rows": 300})
+                                               "embedding_max_rows": 300}, privacy={"prediction_log": "raw"})
     write_log(config, traffic(300, seed=2))
     quiet = check(config, reference, embedder=tiny_embedder).summary
     assert quiet["embedding"]["drifted"] is False and quiet["verdict"] == monitoring.NO_DRIFT, quiet["reasons"]
     other = make_config(tmp_path / "campaign", monitoring={"min_rows": 100, "drift_share": 1.0,
-                                                            "prediction_drift": False, "embedding_max_rows": 300})
+                                                            "prediction_drift": False, "embedding_max_rows": 300},
+                        privacy={"prediction_log": "raw"})
     write_log(other, traffic(300, seed=2, campaign=0.3))
     report = check(other, reference, embedder=tiny_embedder)
     embedding = report.summary["embedding"]

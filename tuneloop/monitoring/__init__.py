@@ -1,12 +1,18 @@
-"""Drift monitoring of served traffic with Evidently, and the loop around it (``tuneloop monitor``).
+"""Drift monitoring of served traffic, and the loop around it (``tuneloop monitor``).
+
+Modules by responsibility: :mod:`.window` (window specs), :mod:`.scan` (the window streamed through
+DuckDB), :mod:`.histograms` (whole-window drift per column), :mod:`.reference`, :mod:`.drift`
+(Evidently on the sample), :mod:`.embeddings` (the served model's sentence embeddings),
+:mod:`.decision`, :mod:`.report`, :mod:`.check` (one check) and :mod:`.loop` (trigger and alert).
 
 **Current data** is the prediction log the serving replicas write (:mod:`tuneloop.prediction_log`: a
 Hive-partitioned Parquet dataset under ``deployment.prediction_log_uri``, shared by all replicas) over
 a window: a duration back from now (``24h``, ``90m``, ``7d``) or the most recent N records (``5000``).
-Only the ``date=/hour=`` partitions of the window are listed and opened, newest first for a record
-count, and only the columns the report uses are read. A file that cannot be read (corrupt,
-truncated, missing a column) is skipped and named in the report; the rest is used. An unreachable
-store is an error to retry (exit 75), never "insufficient data".
+Only the ``date=/hour=`` partitions of the window are listed (newest first for a record count);
+DuckDB scans the files streamed (:mod:`.scan`): the whole window is counted and aggregated, never
+loaded, and a bounded sample is drawn for Evidently and the embeddings. A file that cannot be read
+(corrupt, truncated, missing a column) is skipped and named in the report; the rest is used. An
+unreachable store is an error to retry (exit 75), never "insufficient data".
 
 **Model versions.** Only records of the *monitored version* are analysed: ``deployment.model_version``
 when the server is pinned to one, else the ``champion``. Records of every other version (the previous
@@ -17,8 +23,8 @@ reference would blame this model for another's behaviour. A count window counts 
 **Reference** is the monitored version's own training frame: the ``tuneloop.dataset_uri`` lineage tag
 of the registry version, downloaded with ``mlflow.artifacts.download_artifacts`` once and cached under
 ``<state_dir>/monitoring/reference/``. All its rows (every split) are used, sampled down to
-``monitoring.reference_max_rows`` (fixed seed); a window beyond ``monitoring.current_max_rows`` records
-is sampled down the same way (the drift measures compare distributions, so a large sample suffices).
+``monitoring.reference_max_rows`` (fixed seed); Evidently sees a reservoir sample of at most
+``monitoring.current_max_rows`` records of the window, the histogram tier the whole window.
 The reference *predictions* are, by ``monitoring.reference_predictions``:
 
 - ``labels`` (default): the frame's labels. Free and always there; the served predictions then differ
@@ -33,12 +39,16 @@ itself (Evidently's domain-classifier text drift, ``monitoring.text_content_drif
 label. With at least ``monitoring.min_feedback_rows`` feedback labels for the window's records, a
 ``ClassificationPreset`` on them is added (accuracy, macro-F1, against the version's test metrics).
 
+**Whole window and embeddings.** Statistic and prediction columns are also scored over the whole
+window (JS, PSI, Wasserstein on Evidently's bins, :mod:`.histograms`) and decided there when their
+Evidently method is one of those; the served model's sentence embeddings give a domain-classifier
+signal calibrated to ``monitoring.embedding_false_alarm_rate`` (:mod:`.embeddings`).
+
 **Verdict**: ``insufficient_data`` with fewer than ``monitoring.min_rows`` records (or no log, an empty
-window, no champion): never ``drift``. Else ``drift`` when any of: the share of drifted feature columns
-(the prediction excluded) reaches ``monitoring.drift_share``; a ``monitoring.critical_columns`` column
-drifts; the prediction distribution drifts (``monitoring.prediction_drift``); macro-F1 on feedback
-falls more than ``monitoring.max_quality_drop_points`` below the version's test macro-F1. Else
-``no_drift``.
+window, no champion): never ``drift``. Else by the rule of :mod:`.decision`: ``drift`` when the share
+of drifted feature columns reaches ``monitoring.drift_share``, a critical column drifts, the
+prediction distribution drifts, feedback macro-F1 drops beyond its limit, or the embedding signal
+fires. Else ``no_drift``.
 
 **Outputs**: a self-contained HTML report (our summary on top of Evidently's) and a JSON summary
 (verdict, reasons, per-column scores, windows, files read/skipped, versions filtered, Evidently's own

@@ -39,6 +39,7 @@ from tuneloop.monitoring.reference import (
     Reference,
     load_reference,
     monitored_version,
+    reference_cache_dir,
     prepare_reference,
 )
 from tuneloop.monitoring.report import DriftReport, render_html, reports_dir, write_json
@@ -221,8 +222,30 @@ def _embedding_signal(config: TuneloopConfig, version: str, reference: pd.DataFr
         reference_texts = reference_texts[np.sort(rng.choice(len(reference_texts), limit, replace=False))]
     if len(current_texts) > limit:
         current_texts = current_texts[np.sort(rng.choice(len(current_texts), limit, replace=False))]
-    result = embedding_drift(embedder.embed(list(reference_texts)), embedder.embed(list(current_texts)),
+    reference_vectors = _reference_embeddings(config, version, embedder, list(reference_texts),
+                                              cache=not given_reference)
+    result = embedding_drift(reference_vectors, embedder.embed(list(current_texts)),
                              false_alarm_rate=monitoring.embedding_false_alarm_rate,
                              permutations=monitoring.embedding_permutations, current_texts=list(current_texts),
                              reference_texts=list(reference_texts), drivers=monitoring.embedding_drivers)
     return {**result.to_dict(), "model": embedder.description}
+
+
+def _reference_embeddings(config: TuneloopConfig, version: str, embedder: Embedder, texts: list[str], *,
+                          cache: bool) -> np.ndarray:
+    """The reference texts' embeddings, cached per version and texts in the pod's reference cache
+    (``.npy``, no pickle): the reference of a version does not change between checks."""
+    if not cache:
+        return embedder.embed(texts)
+    import hashlib
+
+    digest = hashlib.sha256("\x00".join(texts).encode("utf-8")).hexdigest()[:16]
+    path = reference_cache_dir(config, version) / f"embeddings-{digest}.npy"
+    if path.is_file():
+        return np.load(path, allow_pickle=False)
+    vectors = embedder.embed(texts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(f".{uuid.uuid4().hex[:6]}.tmp.npy")
+    np.save(temporary, vectors, allow_pickle=False)
+    temporary.replace(path)
+    return vectors

@@ -182,9 +182,12 @@ NEIGHBOURS = 10
 """k of the nearest-neighbour domain classifier."""
 
 
-def neighbours(vectors: np.ndarray, k: int = NEIGHBOURS) -> np.ndarray:
-    """The indices of each row's ``k`` most similar other rows (cosine: the rows are normalised)."""
-    similarity = vectors @ vectors.T
+def neighbours(vectors: np.ndarray, k: int = NEIGHBOURS, seed: int = REFERENCE_SEED) -> np.ndarray:
+    """The indices of each row's ``k`` most similar other rows (cosine: the rows are normalised).
+
+    Ties (the same text twice) are broken at random: by position they would favour one side."""
+    similarity = vectors.astype(np.float64) @ vectors.T.astype(np.float64)
+    similarity += np.random.default_rng(seed).uniform(0.0, 1e-9, similarity.shape)
     np.fill_diagonal(similarity, -np.inf)
     k = min(k, len(vectors) - 1)
     return np.argpartition(-similarity, k - 1, axis=1)[:, :k]

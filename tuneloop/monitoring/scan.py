@@ -94,8 +94,9 @@ def _schema():
     ])
 
 
-def _check_footer(fs, path: str, shown: str) -> str | None:
-    """Why the file cannot be used (None: it can). An outage raises instead of skipping the file."""
+def _check_footer(fs, path: str, shown: str) -> tuple[str | None, set[str]]:
+    """Why the file cannot be used (None: it can), and its columns. An outage raises instead of
+    skipping the file."""
     import pyarrow.parquet as pq
 
     try:
@@ -105,23 +106,26 @@ def _check_footer(fs, path: str, shown: str) -> str | None:
             fs.invalidate_cache(path)
             fs.info(path)
         except FileNotFoundError:
-            return "vanished while being read"
+            return "vanished while being read", set()
         except Exception as probe:  # the store itself does not answer: retry the whole check
             raise unreachable(shown, probe, f"reading {shown}") from error
-        return f"{type(error).__name__}: {error}".strip().splitlines()[0]
+        return f"{type(error).__name__}: {error}".strip().splitlines()[0], set()
     missing = [column for column in LOG_COLUMNS if column not in names]
-    return f"missing columns {', '.join(missing)}" if missing else None
+    return (f"missing columns {', '.join(missing)}" if missing else None), names
 
 
-def _usable_files(fs, paths: list[str], uri: str) -> tuple[list[str], list[dict]]:
+def _usable_files(fs, paths: list[str], uri: str) -> tuple[list[str], list[dict], set[str]]:
+    """The readable files, the skipped ones with the reason, and the columns the readable ones hold."""
     from tuneloop.prediction_log.layout import _display
 
     shown = {path: _display(fs, path) for path in paths}
     with ThreadPoolExecutor(max_workers=min(FOOTER_THREADS, max(len(paths), 1))) as pool:
-        reasons = list(pool.map(lambda path: _check_footer(fs, path, shown[path]), paths))
-    good = [path for path, reason in zip(paths, reasons) if reason is None]
-    skipped = [{"path": shown[path], "reason": reason} for path, reason in zip(paths, reasons) if reason is not None]
-    return good, skipped
+        checked = list(pool.map(lambda path: _check_footer(fs, path, shown[path]), paths))
+    good = [path for path, (reason, _) in zip(paths, checked) if reason is None]
+    skipped = [{"path": shown[path], "reason": reason} for path, (reason, _) in zip(paths, checked)
+               if reason is not None]
+    columns = set().union(*(names for reason, names in checked if reason is None)) if good else set()
+    return good, skipped, columns
 
 
 def _hour_of(path: str) -> str:
@@ -147,19 +151,40 @@ def _literal(when: pd.Timestamp) -> str:
 class _Scan:
     """The DuckDB view ``monitored`` over the window's records of one version."""
 
-    def __init__(self, config: TuneloopConfig, fs, files: list[str], start, end, version: str | None) -> None:
-        import pyarrow.dataset as ds
-
+    def __init__(self, config: TuneloopConfig, fs, files: list[str], start, end, version: str | None,
+                 columns: set[str] | None = None) -> None:
         self.connection = connect(config)
         self.connection.execute("SET TimeZone = 'UTC'")
-        self.dataset = ds.dataset(files, filesystem=fs, format="parquet", schema=_schema())
-        self.connection.register("log_files", self.dataset)
+        self._register(fs, files, columns)
         clauses = [f"{TIMESTAMP} IS NOT NULL", f"{TIMESTAMP} <= {_literal(end)}"]
         if start is not None:
             clauses.append(f"{TIMESTAMP} >= {_literal(start)}")
         self.connection.execute(f"CREATE TEMP VIEW in_window AS SELECT * FROM log_files WHERE {' AND '.join(clauses)}")
         self.version = version
         self._monitored("TRUE")
+
+    def _register(self, fs, files: list[str], columns: set[str] | None) -> None:
+        """``log_files``: local files through DuckDB's own Parquet reader (fastest); files on an object
+        store through a ``pyarrow.dataset`` on the log's fsspec file system (no DuckDB extension to
+        fetch). Either way with the monitor's schema; a column no file holds reads as null."""
+        from tuneloop.prediction_log.layout import _is_local
+
+        schema = _schema()
+        if _is_local(fs):
+            present = columns if columns is not None else set(schema.names)
+            types = {"string": "VARCHAR", "int64": "BIGINT", "double": "DOUBLE",
+                     "timestamp[us, tz=UTC]": "TIMESTAMPTZ"}
+            select = ", ".join(
+                f"CAST({field.name} AS {types[str(field.type)]}) AS {field.name}" if field.name in present
+                else f"CAST(NULL AS {types[str(field.type)]}) AS {field.name}" for field in schema)
+            listed = ", ".join("'" + path.replace("'", "''") + "'" for path in files)
+            self.connection.execute(f"CREATE TEMP VIEW log_files AS SELECT {select} FROM read_parquet([{listed}], "
+                                    f"union_by_name = true, hive_partitioning = false)")
+            return
+        import pyarrow.dataset as ds
+
+        self.dataset = ds.dataset(files, filesystem=fs, format="parquet", schema=schema)
+        self.connection.register("log_files", self.dataset)
 
     def _monitored(self, extra: str) -> None:
         version = "TRUE" if self.version is None else f"{MODEL_VERSION} = $$" + str(self.version) + "$$"
@@ -178,21 +203,21 @@ class _Scan:
         if row is not None:
             self._monitored(f"{TIMESTAMP} >= {_literal(pd.Timestamp(row[0]))}")
 
-    def count(self) -> tuple[int, object, object, int]:
-        return self.connection.execute(
-            f"SELECT count(*), min({TIMESTAMP}), max({TIMESTAMP}), count(*) FILTER (WHERE "
-            + " OR ".join(f"{name} IS NULL" for name in STATISTIC_COLUMNS) + ") "
-            "FROM monitored").fetchall()[0]
+    def count(self) -> int:
+        return int(self.connection.execute("SELECT count(*) FROM monitored").fetchall()[0][0])
 
-    def value_counts(self) -> dict[str, pd.Series]:
-        """Exact value counts of every histogram column over the whole window, in one scan."""
-        expressions = [f"histogram(round({name}, {FLOAT_DECIMALS}))" if dtype == "float64" else f"histogram({name})"
-                       for name, dtype in STATISTIC_COLUMNS.items()] + [f"histogram({PREDICTION})"]
-        row = self.connection.execute(f"SELECT {', '.join(expressions)} FROM monitored").fetchall()[0]
-        counts = {}
-        for name, histogram in zip(HISTOGRAM_COLUMNS, row):
-            counts[name] = pd.Series(dict(histogram or {}), dtype="int64").sort_index()
-        return counts
+    def summary(self) -> tuple[int, object, object, int, dict[str, pd.Series]]:
+        """Records, first and last time, records lacking a statistic, and the exact value counts of
+        every histogram column over the whole window: one scan."""
+        missing = " OR ".join(f"{name} IS NULL" for name in STATISTIC_COLUMNS)
+        histograms = [f"histogram(round({name}, {FLOAT_DECIMALS}))" if dtype == "float64" else f"histogram({name})"
+                      for name, dtype in STATISTIC_COLUMNS.items()] + [f"histogram({PREDICTION})"]
+        row = self.connection.execute(
+            f"SELECT count(*), min({TIMESTAMP}), max({TIMESTAMP}), count(*) FILTER (WHERE {missing}), "
+            f"{', '.join(histograms)} FROM monitored").fetchall()[0]
+        counts = {name: pd.Series(dict(histogram or {}), dtype="int64").sort_index()
+                  for name, histogram in zip(HISTOGRAM_COLUMNS, row[4:])}
+        return int(row[0]), row[1], row[2], int(row[3]), counts
 
     def add_missing_statistics(self, counts: dict[str, pd.Series]) -> None:
         """Statistics the log lacks for some records, computed from their text, batch by batch."""
@@ -211,7 +236,8 @@ class _Scan:
         if rows <= limit:
             query = f"SELECT {columns} FROM monitored"
         else:
-            query = f"SELECT {columns} FROM monitored USING SAMPLE reservoir({int(limit)} ROWS) REPEATABLE ({REFERENCE_SEED})"
+            query = (f"SELECT {columns} FROM monitored "
+                     f"USING SAMPLE reservoir({int(limit)} ROWS) REPEATABLE ({REFERENCE_SEED})")
         frame = self.connection.execute(query).fetch_df()
         return frame.sort_values([TIMESTAMP, REQUEST_ID], kind="stable").reset_index(drop=True)
 
@@ -220,7 +246,7 @@ class _Scan:
 
 
 def _count_window_files(config: TuneloopConfig, fs, files: list[str], version: str | None, records: int,
-                        end: pd.Timestamp) -> list[str]:
+                        end: pd.Timestamp, columns: set[str]) -> list[str]:
     """The newest hour partitions' files until they hold ``records`` records of ``version``."""
     hours: dict[str, list[str]] = {}
     for path in files:
@@ -228,9 +254,9 @@ def _count_window_files(config: TuneloopConfig, fs, files: list[str], version: s
     chosen: list[str] = []
     found = 0
     for hour in sorted(hours, reverse=True):
-        scan = _Scan(config, fs, hours[hour], None, end, version)
+        scan = _Scan(config, fs, hours[hour], None, end, version, columns)
         try:
-            found += int(scan.count()[0])
+            found += scan.count()
         finally:
             scan.close()
         chosen = hours[hour] + chosen
@@ -255,7 +281,7 @@ def scan_window(config: TuneloopConfig, window: Window, version: str | None, *, 
     fs, _ = filesystem(uri)
     listed = list_files(uri, PREDICTIONS, start=None if start is None else start.to_pydatetime(),
                         end=now.to_pydatetime())
-    files, skipped = _usable_files(fs, listed, uri)
+    files, skipped, columns = _usable_files(fs, listed, uri)
     current = CurrentData(frame=pd.DataFrame(columns=[*LOG_COLUMNS, *STATISTIC_COLUMNS]), window=window, start=start,
                           end=now, log_uri=uri, files_read=[], files_skipped=skipped, other_versions={},
                           rows_in_window=0)
@@ -263,21 +289,22 @@ def scan_window(config: TuneloopConfig, window: Window, version: str | None, *, 
         return current
     try:
         if window.records:
-            files = _count_window_files(config, fs, files, version, window.records, now)
-        scan = _Scan(config, fs, files, start, now, version)
+            files = _count_window_files(config, fs, files, version, window.records, now, columns)
+        scan = _Scan(config, fs, files, start, now, version, columns)
         try:
             versions = scan.versions()
             if window.records:
                 scan.keep_newest(window.records)
-            rows, first, last, without = scan.count()
+            rows, first, last, without, counts = scan.summary()
             current.files_read = [_display_path(fs, path) for path in files]
             current.rows_in_window = sum(versions.values())
-            current.other_versions = {v: n for v, n in sorted(versions.items()) if version is not None and v != str(version)}
-            current.rows, current.rows_without_statistics = int(rows), int(without)
+            current.other_versions = {v: n for v, n in sorted(versions.items())
+                                      if version is not None and v != str(version)}
+            current.rows, current.rows_without_statistics = rows, without
             current.first_record = None if first is None else pd.Timestamp(first)
             current.last_record = None if last is None else pd.Timestamp(last)
             if rows:
-                current.value_counts = scan.value_counts()
+                current.value_counts = counts
                 if without:
                     scan.add_missing_statistics(current.value_counts)
                 current.frame = scan.sample(int(rows), config.monitoring.current_max_rows)
