@@ -527,8 +527,12 @@ class MonitoringConfig(StrictModel):
     its ``tuneloop.dataset_uri`` lineage tag. With fewer than ``min_rows`` current rows the verdict is
     ``insufficient_data``, never drift. Otherwise it is drift when the share of drifted feature columns
     reaches ``drift_share``, when a column of ``critical_columns`` drifts, when the prediction
-    distribution drifts (``prediction_drift``), or when the macro-F1 on feedback labels falls more
-    than ``max_quality_drop_points`` below the version's test macro-F1.
+    distribution drifts (``prediction_drift``), when the macro-F1 on feedback labels falls more
+    than ``max_quality_drop_points`` below the version's test macro-F1, or when the embedding signal
+    fires (``embedding_drift``: a k-NN domain classifier on the served model's sentence embeddings,
+    its threshold calibrated by permutation on the reference to ``embedding_false_alarm_rate``).
+    Statistic and prediction columns are aggregated over the whole window by DuckDB
+    (``histogram_memory_limit``, ``histogram_threads``); Evidently sees a sample of ``current_max_rows``.
 
     ``stattest``/``stattest_threshold`` choose Evidently's method for every feature column (None:
     Evidently picks by column type and reference size); the prediction column uses
