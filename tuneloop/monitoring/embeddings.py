@@ -127,6 +127,31 @@ class OnnxEmbedder(_BatchedEmbedder):
 
 
 def _last_hidden_tensor(model) -> str | None:
+    """The encoder output of a sequence classifier's graph: what its head pools (found by structure,
+    so fused graphs with contrib operators work too), else the last rank-3 float tensor."""
+    return _pooled_input(model) or _last_rank3_tensor(model)
+
+
+def _pooled_input(model, depth: int = 12) -> str | None:
+    """Walking back from the logits: the tensor the head's first-token ``Gather``/``Slice`` reads."""
+    producers = {name: node for node in model.graph.node for name in node.output}
+    constants = {initializer.name for initializer in model.graph.initializer}
+    constants |= {name for node in model.graph.node if node.op_type == "Constant" for name in node.output}
+    frontier = [model.graph.output[0].name]
+    for _ in range(depth):
+        following = []
+        for name in frontier:
+            node = producers.get(name)
+            if node is None:
+                continue
+            if node.op_type in ("Gather", "Slice") and node.input and node.input[0] not in constants:
+                return node.input[0]
+            following.extend(value for value in node.input if value and value not in constants)
+        frontier = following
+    return None
+
+
+def _last_rank3_tensor(model) -> str | None:
     """The output of the last node (graph order is topological) that is a rank-3 float tensor."""
     import onnx
 
