@@ -423,7 +423,7 @@ def print_windows(name: str, result: dict, what: str, target: str) -> None:
     print(f"{name}: {result['flagged']}/{result['windows']} windows flagged drift "
           f"({what} {result['share_flagged']:.0%}, target {target}); by the embedding signal "
           f"{result['flagged_by_embedding']}, by the columns {result['flagged_by_columns']}; whole-window verdict = "
-          f"Evidently-only verdict on {result['window_tier_agrees_with_evidently']}/{result['windows']}; MMD/threshold "
+          f"Evidently-only verdict on {result['window_tier_agrees_with_evidently']}/{result['windows']}; embedding score/threshold "
           f"median {result['embedding_score_over_threshold_median']:.2f}; columns flagged "
           f"{result['columns_flagged'] or 'none'}; {result['seconds_per_check_median']:.2f} s per check"
           + (f"; drivers {result['drivers_first_window']['ngrams']}" if result.get("drivers_first_window") else ""),
