@@ -7,6 +7,9 @@ compiled to KFP IR YAML for a cluster (``tuneloop compile training``). Registrat
 
 Cluster settings (images, GPU nodes, resources, secrets, retries) come from the ``kubeflow``
 section of the config at compile time: ``build_pipeline(config.kubeflow)``. ``kfp.local`` ignores them.
+With ``tuning.in_pipeline`` (``build_pipeline(config.kubeflow, config.tuning)``), a hyperparameter
+search sits between the frame check and ``finetune``: ``tuning.parallelism`` trial workers under a
+``dsl.ParallelFor`` share one Optuna study, and ``best_parameters`` hands the best config to ``finetune``.
 """
 
 from kfp import dsl
@@ -19,18 +22,23 @@ from components.features import retrieve_features
 from components.frame_checks import validate_frame
 from components.registry import register
 from components.training import finetune
+from components.tuning import best_parameters, search_trials
 from components.validation import validate_data
 from pipelines.cluster import configure_task
-from tuneloop.config import KubeflowConfig
+from tuneloop.config import KubeflowConfig, TuningConfig
 
 PIPELINE_NAME = "tuneloop-training"
-TRANSIENT_STEPS = ("validate_data", "retrieve_features", "validate_frame", "evaluate", "register", "deploy")
-"""Steps that only read or write external state: a retry is cheap and safe."""
+TRANSIENT_STEPS = ("validate_data", "retrieve_features", "validate_frame", "evaluate", "register", "deploy",
+                   "search_trials")
+"""Steps that only read or write external state, or (a trial worker) only add the trials their shared
+study still lacks: a retry is cheap and safe."""
 
 
-def build_pipeline(kubeflow: KubeflowConfig | None = None):
-    """The training pipeline with the cluster settings of ``kubeflow`` applied to its tasks."""
+def build_pipeline(kubeflow: KubeflowConfig | None = None, tuning: TuningConfig | None = None):
+    """The training pipeline with the cluster settings of ``kubeflow`` applied to its tasks, and the
+    search step when ``tuning.in_pipeline`` asks for it (a compile-time switch: off by default)."""
     kubeflow = kubeflow or KubeflowConfig()
+    search = tuning is not None and tuning.in_pipeline
 
     @dsl.pipeline(name=PIPELINE_NAME, description="Validate, fine-tune, compress, gate and register a text classifier.")
     def training_pipeline(
@@ -53,8 +61,12 @@ def build_pipeline(kubeflow: KubeflowConfig | None = None):
             features = retrieve_features(config_json=config_json).after(validated)
             # the frame finetune trains on is checked too, and its fingerprint is the lineage
             frame_checked = validate_frame(config_json=config_json, dataset=features.outputs["dataset"])
+            search_steps, training_config = {}, config_json
+            if search:
+                search_steps = _search(config_json, features.outputs["dataset"], tuning.parallelism, frame_checked)
+                training_config = search_steps["best_parameters"].outputs["best_config_json"]
             trained = finetune(
-                config_json=config_json,
+                config_json=training_config,
                 dataset=features.outputs["dataset"],
                 data_fingerprint=frame_checked.outputs["fingerprint"],
                 base_model=base_model,
@@ -90,7 +102,7 @@ def build_pipeline(kubeflow: KubeflowConfig | None = None):
                 )
         steps = {
             "validate_data": validated, "retrieve_features": features, "validate_frame": frame_checked,
-            "finetune": trained,
+            **search_steps, "finetune": trained,
             "compress": compressed, "evaluate": gate, "register": registered, "deploy": deployed,
             "report_rejection": rejected,
             "notify": exit_task,
@@ -99,6 +111,14 @@ def build_pipeline(kubeflow: KubeflowConfig | None = None):
             configure_task(task, step, kubeflow, retried_steps=TRANSIENT_STEPS)
 
     return training_pipeline
+
+
+def _search(config_json, dataset, parallelism: int, frame_checked) -> dict:
+    """Trial workers of one shared study under a ParallelFor, then the study's best config."""
+    with dsl.ParallelFor(items=list(range(parallelism)), parallelism=parallelism, name="trial-workers") as worker:
+        workers = search_trials(config_json=config_json, dataset=dataset, worker=worker).after(frame_checked)
+    best = best_parameters(config_json=config_json, dataset=dataset).after(workers)
+    return {"search_trials": workers, "best_parameters": best}
 
 
 training_pipeline = build_pipeline()

@@ -643,6 +643,7 @@ class GpuConfig(StrictModel):
 PIPELINE_STEPS = (
     "validate_data", "retrieve_features", "finetune", "compress", "evaluate", "register", "deploy",
     "report_rejection", "notify", "monitor_drift", "notify_drift", "trigger_retraining",
+    "search_trials", "best_parameters",
 )
 """The steps of the shipped pipelines, as ``kubeflow.secrets[].steps`` names them."""
 
@@ -761,6 +762,10 @@ class TuningConfig(StrictModel):
 
     trials: int = Field(8, ge=1)
     parallelism: int = Field(1, ge=1, description="Trial workers (pipeline ParallelFor) sharing the study.")
+    in_pipeline: bool = Field(
+        False, description="Compile a search step into the training pipeline (ParallelFor of trial workers, then "
+                           "best_parameters) whose best parameters the final finetune trains with.",
+    )
     objective: Literal["validation_macro_f1"] = "validation_macro_f1"
     storage: str | None = Field(
         None, description="Optuna storage locally: a SQL URL or a journal file path (*.log); unset: "

@@ -14,6 +14,7 @@ import contextlib
 import importlib
 import importlib.resources
 import importlib.util
+import inspect
 import io
 import re
 import sys
@@ -47,11 +48,12 @@ def shipped_pipeline_file(name: str) -> Path:
     return Path(str(importlib.resources.files("pipelines").joinpath(f"{name}.py")))
 
 
-def load_pipeline(pipeline: str | Path, kubeflow: KubeflowConfig | None = None):
+def load_pipeline(pipeline: str | Path, kubeflow: KubeflowConfig | None = None, *, tuning=None):
     """Return the ``@dsl.pipeline`` function of a shipped pipeline (by name) or of a pipeline file.
 
     ``pipeline`` is ``training`` or ``monitoring`` (imported as ``pipelines.<name>``), or the path of
-    a ``.py`` file. A module that defines ``build_pipeline(kubeflow)`` gets the cluster settings.
+    a ``.py`` file. A module that defines ``build_pipeline(kubeflow)`` gets the cluster settings, and
+    the ``tuning`` section too when its ``build_pipeline`` takes a ``tuning`` argument.
 
     Raises:
         PipelineError: an unknown name, a missing file, an import error, or no pipeline in it.
@@ -62,7 +64,7 @@ def load_pipeline(pipeline: str | Path, kubeflow: KubeflowConfig | None = None):
             module = importlib.import_module(SHIPPED_PIPELINES[name])
         except ImportError as error:
             raise PipelineError(f"cannot import the shipped pipeline {name!r}: {error}", path=name) from error
-        return _pipeline_of(module, name, kubeflow)
+        return _pipeline_of(module, name, kubeflow, tuning=tuning)
     path = Path(pipeline).expanduser()
     if not path.is_file():
         hint = "" if path.suffix == ".py" else f" (the shipped pipelines are {', '.join(SHIPPED_PIPELINES)})"
@@ -74,13 +76,15 @@ def load_pipeline(pipeline: str | Path, kubeflow: KubeflowConfig | None = None):
         spec.loader.exec_module(module)
     except Exception as error:
         raise PipelineError(f"cannot import pipeline file {path}: {error}", path=str(path)) from error
-    return _pipeline_of(module, path.stem, kubeflow, where=str(path))
+    return _pipeline_of(module, path.stem, kubeflow, where=str(path), tuning=tuning)
 
 
-def _pipeline_of(module, stem: str, kubeflow: KubeflowConfig | None, *, where: str | None = None):
+def _pipeline_of(module, stem: str, kubeflow: KubeflowConfig | None, *, where: str | None = None, tuning=None):
     from kfp.dsl.graph_component import GraphComponent
 
     if kubeflow is not None and hasattr(module, "build_pipeline"):
+        if tuning is not None and "tuning" in inspect.signature(module.build_pipeline).parameters:
+            return module.build_pipeline(kubeflow, tuning=tuning)
         return module.build_pipeline(kubeflow)
     pipelines = [value for value in vars(module).values() if isinstance(value, GraphComponent)]
     if not pipelines:
@@ -119,7 +123,7 @@ def compile_pipeline(
         kubeflow = with_serving_api_key(kubeflow, config.deployment.api_key_env)
         kubeflow = with_serving_device(kubeflow, config)
         require_credential_secrets(config, kubeflow)
-    pipeline = load_pipeline(pipeline, kubeflow)
+    pipeline = load_pipeline(pipeline, kubeflow, tuning=config.tuning if config is not None else None)
     parameters = {"config_json": config.to_json()} if config is not None else None
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -161,6 +165,7 @@ def credential_variables(config: TuneloopConfig) -> dict[str, str]:
         "features.registry_url_env": config.features.registry_url_env,
         "features.redis_connection_env": config.features.redis_connection_env,
         "deployment.api_key_env": config.deployment.api_key_env,
+        "tuning.storage_url_env": config.tuning.storage_url_env if config.tuning.in_pipeline else None,
     }
     return {field: env for field, env in named.items() if env}
 
