@@ -28,10 +28,11 @@ from pipelines.cluster import configure_task
 from tuneloop.config import KubeflowConfig, TuningConfig
 
 PIPELINE_NAME = "tuneloop-training"
-TRANSIENT_STEPS = ("validate_data", "retrieve_features", "validate_frame", "evaluate", "register", "deploy",
-                   "search_trials")
-"""Steps that only read or write external state, or (a trial worker) only add the trials their shared
-study still lacks: a retry is cheap and safe."""
+TRANSIENT_STEPS = ("validate_data", "retrieve_features", "validate_frame", "finetune", "evaluate", "register",
+                   "deploy", "search_trials")
+"""Steps a retry repeats safely: they only read or write external state, resume from their own
+checkpoint (``finetune``, keyed by pipeline run and task) or only add the trials their shared study
+still lacks (a trial worker)."""
 
 
 def build_pipeline(kubeflow: KubeflowConfig | None = None, tuning: TuningConfig | None = None):
