@@ -93,6 +93,25 @@ def cluster_problems(config: "TuneloopConfig") -> list[str]:
     if config.alerts.jsonl is not None:
         problems.append(f"alerts.jsonl: {str(config.alerts.jsonl)!r} is a file on one pod; remove it (alerts are "
                         f"recorded in the shared state database)")
+    return problems + _training_problems(config)
+
+
+def _training_problems(config: "TuneloopConfig") -> list[str]:
+    """Checkpoints, TrainJob models and the search study: what a retried or fanned-out step reads back."""
+    problems = []
+    checkpoints = config.training.checkpoint_uri
+    if not is_object_store_uri(checkpoints):
+        shown = checkpoints if checkpoints else "<state_dir>/checkpoints"
+        problems.append(f"training.checkpoint_uri: {shown!r} is pod-local, so a retried finetune (a new pod) "
+                        f"cannot resume; it needs an object-store URI (s3://bucket/checkpoints)")
+    model_uri = config.training.trainjob.model_uri
+    if config.training.backend == "trainjob" and model_uri and not is_object_store_uri(model_uri):
+        problems.append(f"training.trainjob.model_uri: {model_uri!r} is pod-local, so finetune cannot read the "
+                        f"TrainJob's model; it needs an object-store URI (s3://bucket/models)")
+    if config.tuning.in_pipeline and not config.tuning.storage_url_env:
+        problems.append("tuning.storage_url_env: unset with tuning.in_pipeline means a study on each trial "
+                        "worker's disk; it needs the env var holding the shared Postgres URL of the study "
+                        "(from a Secret)")
     return problems
 
 

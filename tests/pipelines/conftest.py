@@ -20,6 +20,7 @@ CLUSTER = {
              "classes": ["ham", "spam"]},
     "features": {"offline_uri": "s3://bucket/feast", "registry_url_env": "FEAST_REGISTRY_URL",
                  "redis_connection_env": "FEAST_REDIS_CONNECTION"},
+    "training": {"checkpoint_uri": "s3://bucket/checkpoints"},
     "registry": {"tracking_uri": "http://mlflow.tuneloop.svc:5000"},
     "deployment": {"target": "kubernetes", "prediction_log_uri": "s3://bucket/predictions"},
     "monitoring": {"trigger": "kubeflow", "ledger": "database"},

@@ -32,6 +32,10 @@ POD_LOCAL = {
     "features.redis_connection_env": ({"features": {"redis_connection_env": None}}, "Redis connection"),
     "monitoring.trigger": ({"monitoring": {"trigger": "local"}}, "'kubeflow'"),
     "alerts.jsonl": ({"alerts": {"jsonl": "alerts.jsonl"}}, "shared state database"),
+    "training.checkpoint_uri": ({"training": {"checkpoint_uri": "/tmp/checkpoints"}}, "object-store URI"),
+    "training.trainjob.model_uri": ({"training": {"backend": "trainjob", "trainjob": {"model_uri": "models"}}},
+                                    "object-store URI"),
+    "tuning.storage_url_env": ({"tuning": {"in_pipeline": True, "storage": "study.db"}}, "shared Postgres URL"),
 }
 """Field -> (a pod-local value for it, what the refusal says it needs)."""
 
@@ -48,6 +52,7 @@ def test_every_field_cluster_problems_names_has_a_refusal_test():
     everything_local["features"] = {**everything_local["features"], "offline_uri": None, "registry_url_env": None,
                                     "redis_connection_env": None}
     everything_local["data"] = {**everything_local["data"], "texts": "t.parquet", "labels": "l.parquet"}
+    everything_local["training"] = {"checkpoint_uri": None, "backend": "trainjob", "trainjob": {"model_uri": "models"}}
     named = {problem.split(":", 1)[0] for problem in cluster_problems(parse_config(everything_local, source="t"))}
     assert named == set(POD_LOCAL) - {"world"}
     assert cluster_problems(cluster_config()) == []
@@ -105,3 +110,14 @@ def test_the_k8s_config_map_config_compiles(tmp_path):
         spec = next(yaml.safe_load_all((tmp_path / f"{name}.yaml").read_text(encoding="utf-8")))
         baked = spec["root"]["inputDefinitions"]["parameters"]["config_json"]["defaultValue"]
         assert '"world":"cluster"' in baked and '"prediction_log_uri":"s3://' in baked
+
+
+def test_unset_checkpoints_are_pod_local_and_a_pod_backend_ignores_the_trainjob_model_uri():
+    """Unset, checkpoints go under the pod's state_dir: a retried finetune could not resume. The TrainJob's
+    model_uri only matters with backend: trainjob; tuning storage only when the search is in the pipeline."""
+    unset = cluster_raw(training={"checkpoint_uri": None})
+    assert cluster_problems(parse_config(unset, source="t")) == [
+        "training.checkpoint_uri: '<state_dir>/checkpoints' is pod-local, so a retried finetune (a new pod) cannot "
+        "resume; it needs an object-store URI (s3://bucket/checkpoints)"]
+    assert cluster_problems(cluster_config(training={"trainjob": {"model_uri": "models"}})) == []
+    assert cluster_problems(cluster_config(tuning={"storage": "study.db"})) == []
