@@ -6,7 +6,7 @@ from google.protobuf import json_format
 from kfp.kubernetes import kubernetes_executor_config_pb2
 from kfp.pipeline_spec import pipeline_spec_pb2
 
-from tests.pipelines.conftest import cluster_config
+from tests.pipelines.conftest import cluster_config, k8s_config
 from tuneloop.orchestration import compile_pipeline
 
 SECRET_VALUE = "s3cr3t-planted-value-9b1f"
@@ -72,6 +72,33 @@ def test_resources_come_from_config(gpu_compiled):
     assert finetune["resourceCpuRequest"] == "6" and finetune["resourceMemoryLimit"] == "24Gi"
     evaluate = containers[executor_of(spec, "evaluate")]["container"]["resources"]
     assert evaluate["resourceCpuRequest"] == "500m" and evaluate["resourceMemoryLimit"] == "3Gi"
+
+
+@pytest.mark.parametrize("gpu_steps", [None, []], ids=["shipped", "no-gpu-nodes"])
+def test_the_shipped_cluster_config_trains_on_a_gpu_node_unless_told_there_is_none(tmp_path, gpu_steps):
+    """k8s/base/config/tuneloop.yaml puts finetune on a GPU node; ``kubeflow.gpu.steps: []`` (README:
+    a cluster without GPU nodes) compiles it with CPU and memory only."""
+    config = k8s_config()
+    if gpu_steps is not None:
+        config.kubeflow.gpu.steps = gpu_steps
+    output = compile_pipeline("training", tmp_path / "training.yaml", config)
+    documents = list(yaml.safe_load_all(output.read_text()))
+    spec = pipeline_spec_pb2.PipelineSpec()
+    json_format.ParseDict(documents[0], spec, ignore_unknown_fields=False)
+    platform = documents[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    containers = json_format.MessageToDict(spec.deployment_spec)["executors"]
+    label = executor_of(spec, "finetune")
+    finetune = containers[label]["container"]
+    if gpu_steps is None:
+        accelerator = finetune["resources"]["accelerator"]
+        assert (accelerator["resourceType"], accelerator["resourceCount"]) == ("nvidia.com/gpu", "1")
+        assert finetune["image"] == config.kubeflow.gpu_image
+        assert platform[label]["tolerations"][0]["key"] == "nvidia.com/gpu"
+    else:
+        assert "accelerator" not in finetune.get("resources", {})
+        assert finetune["image"] == config.kubeflow.image and "tolerations" not in platform[label]
+    for step in ("validate-data", "evaluate"):
+        assert "accelerator" not in containers[executor_of(spec, step)]["container"].get("resources", {}), step
 
 
 def test_retries_on_transient_steps_and_no_caching(gpu_compiled):
