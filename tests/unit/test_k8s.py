@@ -318,7 +318,14 @@ def test_deployer_role_is_least_privilege(overlay: str, kubectl: str) -> None:
     binding = _one(objects, "RoleBinding", "tuneloop-deployer")
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "tuneloop-deployer"}
     assert {"kind": "ServiceAccount", "name": "tuneloop-deployer", "namespace": "tuneloop"} in binding["subjects"]
-    assert [o["metadata"]["name"] for o in objects if o["kind"] in ("Role", "RoleBinding")] == ["tuneloop-deployer"] * 2
+    # the deployer's only grant is its own Role: no other binding names its ServiceAccount, and the
+    # one other Role (the pipeline runner's tuneloop-trainjobs) is bound to someone else
+    deployer_bindings = [o["metadata"]["name"] for o in objects if o["kind"] == "RoleBinding" and any(
+        s.get("kind") == "ServiceAccount" and s.get("name") == "tuneloop-deployer" for s in o.get("subjects", []))]
+    assert deployer_bindings == ["tuneloop-deployer"]
+    rbac = sorted((o["kind"], o["metadata"]["name"]) for o in objects if o["kind"] in ("Role", "RoleBinding"))
+    assert rbac == [("Role", "tuneloop-deployer"), ("Role", "tuneloop-trainjobs"),
+                    ("RoleBinding", "tuneloop-deployer"), ("RoleBinding", "tuneloop-trainjobs")]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
