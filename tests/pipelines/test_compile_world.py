@@ -116,8 +116,8 @@ def test_unset_checkpoints_are_pod_local_and_a_pod_backend_ignores_the_trainjob_
     """Unset, checkpoints go under the pod's state_dir: a retried finetune could not resume. The TrainJob's
     model_uri only matters with backend: trainjob; tuning storage only when the search is in the pipeline."""
     unset = cluster_raw(training={"checkpoint_uri": None})
-    assert cluster_problems(parse_config(unset, source="t")) == [
+    assert cluster_problems(parse_config(unset, source="t")) == [(
         "training.checkpoint_uri: '<state_dir>/checkpoints' is pod-local, so a retried finetune (a new pod) cannot "
-        "resume; it needs an object-store URI (s3://bucket/checkpoints)"]
+        "resume; it needs an object-store URI (s3://bucket/checkpoints)")]
     assert cluster_problems(cluster_config(training={"trainjob": {"model_uri": "models"}})) == []
     assert cluster_problems(cluster_config(tuning={"storage": "study.db"})) == []

@@ -66,8 +66,7 @@ def test_the_default_pipeline_has_no_search(tmp_path):
     tasks = inner_tasks(spec)
     assert not any("parameterIterator" in task for task in tasks.values())
     assert {"search-trials", "best-parameters"}.isdisjoint(tasks)
-    assert not any(name.startswith("comp-search-trials") or name.startswith("comp-best-parameters")
-                   for name in spec["components"])
+    assert not any(name.startswith(("comp-search-trials", "comp-best-parameters")) for name in spec["components"])
     assert tasks["finetune"]["inputs"]["parameters"]["config_json"] == {
         "componentInputParameter": "pipelinechannel--config_json"}
 
