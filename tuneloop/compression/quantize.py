@@ -169,16 +169,20 @@ def quantize_int8_static(
 
 @contextlib.contextmanager
 def _quiet_quantizer():
-    """Drop the quantizer's advice to run its pre-processing (the root logger's one repeated warning)."""
+    """Drop the quantizer's advice to run its pre-processing (the root logger's one repeated warning),
+    and its per-tensor INFO lines, which the KFP executor's INFO root logger would print by the hundred."""
 
     def advice(record: logging.LogRecord) -> bool:
         return "consider" not in record.getMessage() or "pre-process" not in record.getMessage()
 
     root = logging.getLogger()
+    level = root.level
     root.addFilter(advice)
+    root.setLevel(max(level, logging.WARNING))
     try:
         yield
     finally:
+        root.setLevel(level)
         root.removeFilter(advice)
 
 
