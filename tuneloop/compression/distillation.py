@@ -165,7 +165,8 @@ def train_on_soft_targets(model: torch.nn.Module, tokenizer: Any, texts: Sequenc
     scheduler = get_linear_schedule_with_warmup(optimizer, int(settings.warmup_share * total), total)
     label_tensor = torch.tensor(list(labels), dtype=torch.long)
     target_tensor = torch.tensor(np.asarray(targets), dtype=torch.float32)
-    started, losses = time.perf_counter(), []
+    started, losses, done = time.perf_counter(), [], 0
+    report_every = max(1, total // 10)
     for epoch in range(settings.epochs):
         order = torch.randperm(len(texts), generator=generator).tolist()
         running = 0.0
@@ -181,6 +182,11 @@ def train_on_soft_targets(model: torch.nn.Module, tokenizer: Any, texts: Sequenc
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             running += float(loss.detach()) * len(rows)
+            done += 1
+            if done % report_every == 0 and done < total:
+                elapsed = time.perf_counter() - started
+                log(f"{what}: step {done}/{total}, loss {float(loss.detach()):.4f}, elapsed {elapsed:.0f}s, "
+                    f"eta {elapsed / done * (total - done):.0f}s")
         losses.append(round(running / max(len(texts), 1), 5))
         log(f"{what}: epoch {epoch + 1}/{settings.epochs}, soft-target loss {losses[-1]:.4f} "
             f"({time.perf_counter() - started:.0f}s)")
