@@ -365,3 +365,14 @@ def test_a_configured_ner_model_that_cannot_load_is_one_line_error():
     with pytest.raises(ConfigError) as caught:
         privacy.PiiScanner(["person"], ner_model="no_such_spacy_model")
     assert caught.value.field == "privacy.ner_model" and "\n" not in str(caught.value)
+
+
+def test_drift_drivers_from_an_old_raw_log_show_masked_text():
+    from tuneloop.config import PrivacyConfig
+    from tuneloop.monitoring.check import _as_logged
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(privacy=PrivacyConfig())
+    shown = _as_logged(config, ["call me on +44 20 7123 4567 or mail jo@example.com"])
+    assert "7123" not in shown[0] and "jo@example.com" not in shown[0]
+    assert "<PHONE>" in shown[0] and "<EMAIL>" in shown[0]

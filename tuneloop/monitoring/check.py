@@ -226,9 +226,19 @@ def _embedding_signal(config: TuneloopConfig, version: str, reference: pd.DataFr
                                               cache=not given_reference)
     result = embedding_drift(reference_vectors, embedder.embed(list(current_texts)),
                              false_alarm_rate=monitoring.embedding_false_alarm_rate,
-                             permutations=monitoring.embedding_permutations, current_texts=list(current_texts),
+                             permutations=monitoring.embedding_permutations,
+                             current_texts=_as_logged(config, current_texts),
                              reference_texts=list(reference_texts), drivers=monitoring.embedding_drivers)
     return {**result.to_dict(), "model": embedder.description}
+
+
+def _as_logged(config: TuneloopConfig, texts) -> list[str]:
+    """The window's texts as the prediction log's privacy mode stores them, for the report's drift drivers:
+    a log written before masking existed must not put raw personal data into a report."""
+    from tuneloop.privacy import log_text_policy
+
+    policy = log_text_policy(config.privacy)
+    return [str(text) if policy is None else (policy(str(text)) or "") for text in texts]
 
 
 def _reference_embeddings(config: TuneloopConfig, version: str, embedder: Embedder, texts: list[str], *,
