@@ -29,6 +29,8 @@ most over-represented among them against the reference (smoothed log-odds) name 
 
 from __future__ import annotations
 
+import abc
+
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -63,13 +65,16 @@ def _mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return (hidden * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1.0)
 
 
-class _BatchedEmbedder:
+class _BatchedEmbedder(abc.ABC):
+    """Embeds texts in length-sorted batches; a runtime subclass says how one batch is embedded."""
+
     def __init__(self, classifier: Any) -> None:
         self.classifier = classifier
         self.description = f"{type(classifier).__name__} of {classifier.directory}"
 
+    @abc.abstractmethod
     def _batch(self, texts: list[str]) -> np.ndarray:
-        raise NotImplementedError
+        """Mean-pooled embeddings of one batch, rows in input order."""
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Mean-pooled, normalised embeddings, rows in input order (batched by similar length)."""
