@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from tuneloop.config import TuneloopConfig
 from tuneloop.errors import ServiceUnavailableError, TuneloopError
+from tuneloop.redaction import redact_url, redact_urls
 
 _OUTAGE_ERROR_CODES = {"TEMPORARILY_UNAVAILABLE", "DEADLINE_EXCEEDED", "REQUEST_LIMIT_EXCEEDED",
                        "RESOURCE_EXHAUSTED"}
@@ -176,18 +176,13 @@ def as_outage(config: TuneloopConfig, error: BaseException, action: str) -> Serv
 
 
 def safe_uri(config: TuneloopConfig) -> str:
-    """The tracking URI without any credentials embedded in it."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(config.tracking_uri)
-    if not (parts.password or parts.username):
-        return config.tracking_uri  # urlunsplit would turn sqlite:///abs into sqlite://abs
-    return urlunsplit(parts._replace(netloc=(parts.hostname or "") + (f":{parts.port}" if parts.port else "")))
+    """The tracking URI without any credentials embedded in it (:func:`tuneloop.redaction.redact_url`)."""
+    return redact_url(config.tracking_uri)
 
 
 def scrub(text: str) -> str:
-    """``text`` with any ``user:password@`` in URLs removed (error texts may quote a request URL)."""
-    return re.sub(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]+@", r"\1", str(text))
+    """``text`` with the credentials of every URL in it hidden (error texts may quote a request URL)."""
+    return redact_urls(text)
 
 
 def first_line(error: BaseException) -> str:

@@ -31,12 +31,12 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
 from tuneloop.errors import ConfigError, ServiceUnavailableError
+from tuneloop.redaction import redact_url
 
 if TYPE_CHECKING:
     from tuneloop.config import TuneloopConfig
@@ -129,15 +129,6 @@ def database_url(config: TuneloopConfig) -> str:
     return f"sqlite:///{Path(config.state_dir).resolve() / STATE_FILE}"
 
 
-def redacted(url: str) -> str:
-    """``url`` without user name or password: safe for messages and logs."""
-    parts = urlsplit(url)
-    if not parts.netloc or "@" not in parts.netloc:
-        return url
-    host = parts.netloc.rsplit("@", 1)[1]
-    return parts._replace(netloc=f"***@{host}").geturl()
-
-
 def service_name(url: str) -> str:
     """The service a URL points at, as errors name it (``postgres``, ``sqlite``, ...)."""
     backend = sa.make_url(url).get_backend_name()
@@ -147,7 +138,7 @@ def service_name(url: str) -> str:
 def location(config: TuneloopConfig) -> str:
     """Where the state lives, for messages: ``postgres at postgresql://***@host/db`` or the SQLite path."""
     url = database_url(config)
-    return f"{service_name(url)} at {redacted(url)}"
+    return f"{service_name(url)} at {redact_url(url)}"
 
 
 def engine(config: TuneloopConfig) -> sa.Engine:
@@ -178,7 +169,7 @@ def _create_engine(url: str, lock_timeout_s: float) -> sa.Engine:
     try:
         parsed = sa.make_url(url)
     except sa_exc.ArgumentError as error:
-        raise ConfigError(f"state database URL {redacted(url)} is not a SQLAlchemy URL: {error}",
+        raise ConfigError(f"state database URL {redact_url(url)} is not a SQLAlchemy URL: {error}",
                           field="state.database_url_env") from error
     if parsed.get_backend_name() == "sqlite":
         return _sqlite_engine(parsed, lock_timeout_s)
@@ -186,7 +177,7 @@ def _create_engine(url: str, lock_timeout_s: float) -> sa.Engine:
         return sa.create_engine(parsed, pool_pre_ping=True, pool_size=2, max_overflow=4,
                                 connect_args=_connect_args(parsed))
     except (ImportError, sa_exc.NoSuchModuleError) as error:
-        raise ConfigError(f"no database driver for {redacted(url)} ({error}); install tuneloop[cluster]",
+        raise ConfigError(f"no database driver for {redact_url(url)} ({error}); install tuneloop[cluster]",
                           field="state.database_url_env") from error
 
 
@@ -263,7 +254,7 @@ def _translated(url: str) -> Iterator[None]:
     try:
         yield
     except (sa_exc.OperationalError, sa_exc.InterfaceError) as error:
-        service, where = service_name(url), redacted(url)
+        service, where = service_name(url), redact_url(url)
         reason = _reason(error, url)
         if _is_lock_timeout(error):
             raise StateBusyError(f"the shared state database ({service} at {where}) lock stayed taken: {reason}",

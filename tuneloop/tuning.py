@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from tuneloop.config import TuneloopConfig
 from tuneloop.errors import ConfigError, TrainingError, TuneloopError
+from tuneloop.redaction import redact_url
 
 STAGE = "tuning"
 
@@ -75,7 +76,7 @@ def tune(config: TuneloopConfig, dataset_path: str | Path | None = None, *, tria
         dataset = Path(dataset_path) if dataset_path else _build_dataset(config, Path(scratch) / "dataset.parquet")
         finished = _finished(study)
         to_run = max(0, total - finished)
-        log(f"tune: study {study_name!r} in {_redacted(storage_url)}: {finished} finished trial(s), "
+        log(f"tune: study {study_name!r} in {redact_url(storage_url)}: {finished} finished trial(s), "
             f"running {to_run} more (target {total})")
         if to_run:
             study.optimize(
@@ -109,7 +110,7 @@ def summarise(study, storage_url: str, *, ran_here: int) -> TuningSummary:
             stage=STAGE,
         )
     best = study.best_trial
-    return TuningSummary(study.study_name, _redacted(storage_url), len(trials), count[TrialState.COMPLETE],
+    return TuningSummary(study.study_name, redact_url(storage_url), len(trials), count[TrialState.COMPLETE],
                          count[TrialState.PRUNED], count[TrialState.FAIL], ran_here, float(best.value),
                          dict(best.params), best.number)
 
@@ -248,14 +249,8 @@ def _call_storage(action, url: str):
     try:
         return action()
     except OperationalError as error:
-        raise ServiceUnavailableError(f"cannot reach the study storage {_redacted(url)}: {error.orig}",
-                                      service="optuna storage", uri=_redacted(url)) from error
-
-
-def _redacted(url: str) -> str:
-    from tuneloop.state_store import redacted
-
-    return redacted(url) if "://" in url else url
+        raise ServiceUnavailableError(f"cannot reach the study storage {redact_url(url)}: {error.orig}",
+                                      service="optuna storage", uri=redact_url(url)) from error
 
 
 def _build_dataset(config: TuneloopConfig, path: Path) -> Path:

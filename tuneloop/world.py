@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Iterator
 from urllib.parse import urlsplit
 
 from tuneloop.errors import ConfigError
+from tuneloop.redaction import redact_url
 
 if TYPE_CHECKING:
     from tuneloop.config import TuneloopConfig
@@ -48,16 +49,10 @@ def credential_problems(config: "TuneloopConfig") -> list[str]:
             parts = urlsplit(str(value))
             if parts.username or parts.password:
                 problems.append(
-                    f"{field}: credentials embedded in the URI {_redacted(parts)}; put them in a Secret and "
+                    f"{field}: credentials embedded in the URI {redact_url(str(value))}; put them in a Secret and "
                     f"pass them as environment variables instead"
                 )
     return problems
-
-
-def _redacted(parts) -> str:
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://***@{host}{port}{parts.path}"
 
 
 def cluster_problems(config: "TuneloopConfig") -> list[str]:

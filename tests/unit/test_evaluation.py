@@ -247,7 +247,7 @@ def test_registry_on_a_closed_port_raises_quickly_and_decides_nothing(tmp_path, 
     config = make_config(tmp_path, registry={"retry_attempts": 2, "retry_wait_s": 0})
     with pytest.raises(ServiceUnavailableError) as outage:
         evaluation.run(config, tiny_dataset, tmp_path / "good", tmp_path / "good", tmp_path / "d.json")
-    assert outage.value.service == "mlflow" and outage.value.uri == f"http://127.0.0.1:{port}"
+    assert outage.value.service == "mlflow" and outage.value.uri == f"http://***@127.0.0.1:{port}"
     assert "hunter2" not in str(outage.value)
     assert not (tmp_path / "d.json").exists()
 

@@ -453,7 +453,7 @@ def test_unreachable_registry_database_names_postgres_without_credentials(tmp_pa
     with pytest.raises(ServiceUnavailableError) as caught:
         features.run(config, tmp_path / "dataset")
     message = str(caught.value)
-    assert f"postgres (Feast registry) unreachable at postgresql+psycopg2://127.0.0.1:{port}/feast" in message
+    assert f"postgres (Feast registry) unreachable at postgresql+psycopg2://***@127.0.0.1:{port}/feast" in message
     assert "s3cret" not in message and "//feast" not in message and "\n" not in message
     assert caught.value.service == "postgres" and caught.value.exit_code == 75
     assert not (tmp_path / "dataset").exists()

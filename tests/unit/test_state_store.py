@@ -81,11 +81,6 @@ def test_unreachable_postgres_at_start_is_one_line_naming_it_without_the_passwor
         "postgres", f"postgresql://***@127.0.0.1:{closed_port}/state", 75)
 
 
-def test_redacted_hides_user_and_password():
-    assert state_store.redacted("postgresql://u:p@db:5432/x") == "postgresql://***@db:5432/x"
-    assert state_store.redacted("sqlite:////tmp/state.db") == "sqlite:////tmp/state.db"
-
-
 def test_a_named_lock_excludes_a_second_holder_until_the_timeout(any_database):
     config = any_database
     held, release = threading.Event(), threading.Event()

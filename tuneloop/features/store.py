@@ -39,6 +39,7 @@ from tuneloop.features.definitions import (
     prepared_texts_uri,
     quiet_feast,
 )
+from tuneloop.redaction import redact_url
 
 CONNECT_TIMEOUT_S = 5
 APPLY_HINT = "run `tuneloop features apply --config <this project's tuneloop.yaml>` (a set-up step) first"
@@ -55,15 +56,13 @@ def applies_on_read(config: TuneloopConfig) -> bool:
 
 
 def redact(connection: str) -> str:
-    """A connection string or URL without user name or password (``scheme://host:port/path``).
-
-    Feast's Redis form ``host:port,password=...,ssl=true`` keeps only its ``host:port`` nodes.
+    """A connection string or URL without credentials: a URL as :func:`tuneloop.redaction.redact_url`
+    writes it (``scheme://***@host:port/path``), Feast's Redis form ``host:port,password=...,ssl=true``
+    with only its ``host:port`` nodes.
     """
     if "://" not in connection:
         return ",".join(part for part in connection.split(",") if "=" not in part)
-    parts = urlsplit(connection)
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{parts.hostname or ''}{port}{parts.path}"
+    return redact_url(connection)
 
 
 def _secret_from_env(variable: str, field_name: str) -> str:

@@ -12,9 +12,9 @@ import secrets
 import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
-from urllib.parse import urlsplit
 
 from tuneloop.errors import ConfigError, ServiceUnavailableError
+from tuneloop.redaction import redact_url
 from tuneloop.world import is_object_store_uri
 
 if TYPE_CHECKING:
@@ -91,12 +91,8 @@ def require_shared(config: "TuneloopConfig", uri: str) -> None:
 
 
 def safe_uri(uri: str) -> str:
-    """``uri`` without a user name or password, for messages."""
-    parts = urlsplit(uri)
-    if not (parts.username or parts.password):
-        return uri
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://***@{parts.hostname or ''}{port}{parts.path}"
+    """``uri`` without credentials, for messages (:func:`tuneloop.redaction.redact_url`)."""
+    return redact_url(uri)
 
 
 def partition_of(when: dt.datetime) -> tuple[str, int]:
