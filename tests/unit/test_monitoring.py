@@ -527,6 +527,19 @@ def test_embedding_signal_joins_the_decision_and_names_its_drivers(tmp_path, ref
     assert "sentence embeddings drifted" in report.html_path.read_text()
 
 
+def test_verbatim_repeats_of_ordinary_messages_are_not_embedding_drift(tmp_path, reference, tiny_embedder):
+    """Live traffic repeats popular messages verbatim, the deduplicated reference does not: the copies
+    of one message must not read as a campaign of their own."""
+    config = make_config(tmp_path, monitoring={"min_rows": 100, "drift_share": 1.0, "prediction_drift": False,
+                                               "embedding_max_rows": 300}, privacy={"prediction_log": "raw"})
+    ordinary = traffic(30, seed=2)
+    write_log(config, pd.concat([ordinary] * 10, ignore_index=True))
+    embedding = check(config, reference, embedder=tiny_embedder).summary["embedding"]
+    assert embedding["current_rows"] == 300
+    assert embedding["distinct_current_texts"] == ordinary["text"].nunique()
+    assert embedding["drifted"] is False, embedding
+
+
 def test_embedding_drift_with_a_model_that_cannot_embed_is_one_clear_error(tmp_path, tiny_checkpoint):
     """An ONNX classifier whose graph has no [batch, tokens, width] tensor (no encoder output)."""
     import onnx

@@ -216,8 +216,10 @@ def _embedding_signal(config: TuneloopConfig, version: str, reference: pd.DataFr
     embedder = embedder or model_embedder(config, version)
     limit = monitoring.embedding_max_rows
     rng = np.random.default_rng(REFERENCE_SEED)
-    reference_texts = reference[TEXT].astype(str).to_numpy()
-    current_texts = current[TEXT].astype(str).to_numpy()
+    # Distinct texts on each side: a message repeated verbatim (a popular request) is one point of
+    # meaning, and its copies would be each other's nearest neighbours in the window alone.
+    reference_texts = pd.unique(reference[TEXT].astype(str).to_numpy())
+    current_texts = pd.unique(current[TEXT].astype(str).to_numpy())
     if len(reference_texts) > limit:
         reference_texts = reference_texts[np.sort(rng.choice(len(reference_texts), limit, replace=False))]
     if len(current_texts) > limit:
@@ -229,7 +231,8 @@ def _embedding_signal(config: TuneloopConfig, version: str, reference: pd.DataFr
                              permutations=monitoring.embedding_permutations,
                              current_texts=_as_logged(config, current_texts),
                              reference_texts=list(reference_texts), drivers=monitoring.embedding_drivers)
-    return {**result.to_dict(), "model": embedder.description}
+    return {**result.to_dict(), "model": embedder.description, "distinct_current_texts": int(len(current_texts)),
+            "current_rows": int(len(current))}
 
 
 def _as_logged(config: TuneloopConfig, texts) -> list[str]:

@@ -15,6 +15,13 @@ neighbourhoods of its own, so the score grows with its share; window texts like 
 with it and add only noise. (A mean score over all window texts, or a kernel MMD, dilutes a 10%
 campaign in the other 90%: they caught about half of such windows in ``benchmarks/drift.py``.)
 
+**Distinct texts**: each side is reduced to its distinct texts before sampling. Live traffic repeats
+popular messages verbatim while the reference (a deduplicated training split) does not, and the
+copies of one message would be each other's nearest neighbours, so a window of ordinary repeats
+would read as a campaign. A campaign sent as one verbatim message is therefore left to the column
+signals (length, URL and digit shares) and the prediction drift; templated campaigns, whose copies
+differ in a link or a number, remain distinct texts and form their own neighbourhoods.
+
 **Threshold**: calibrated on reference data only, to ``monitoring.embedding_false_alarm_rate``: the
 reference sample is split at random ``monitoring.embedding_permutations`` times into a pseudo-window
 and the rest, in the proportion of the window to the reference, and the threshold is the
