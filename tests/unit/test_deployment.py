@@ -634,7 +634,7 @@ def test_serve_checks_the_model_then_runs_bentoml_serve(tmp_path, onnx_artifact,
     monkeypatch.delenv(serving.VERSION_ENV, raising=False)
     monkeypatch.delenv(serving.MODEL_DIR_ENV, raising=False)
     calls = []
-    monkeypatch.setattr(deployment, "run_server", lambda command, env: calls.append((command, env)) or 0)
+    monkeypatch.setattr(deployment.server, "run_server", lambda command, env: calls.append((command, env)) or 0)
     with pytest.raises(RegistryError, match="no 'champion' alias"):
         deployment.serve(config_path)
     assert not calls
