@@ -29,7 +29,7 @@ WHEEL_MUST_HOLD = (
     "pipelines/training.py", "pipelines/monitoring.py", "pipelines/cluster.py", "components/__init__.py",
     "components/training.py", "serving/service.py", "serving/bentofile.yaml", "serving/README.md",
     "feature_repo/feature_store.yaml", "feature_repo/definitions.py", "feature_repo/cluster/feature_store.yaml",
-    "tuneloop/cli.py", "tuneloop/orchestration.py",
+    "tuneloop/cli.py", "tuneloop/orchestration.py", "tuneloop/deployment/__init__.py", "tuneloop/serving/__init__.py",
 )
 
 
