@@ -91,11 +91,11 @@ def test_repeat_of_a_pipeline_run_returns_its_version(tmp_path, compressed_dir, 
     assert other.version == "2" and other.run_id != first.run_id
 
 
-def test_killed_after_create_model_version_is_completed_by_the_retry(tmp_path, compressed_dir, tiny_dataset,
-                                                                     monkeypatch):
+def _register_killed_after_create_model_version(config, compressed_dir, tiny_dataset, monkeypatch):
+    """Register as ``run-k`` (challenger alias) and die right after MLflow created the version; then
+    ``monkeypatch.undo()``."""
     from mlflow.tracking import MlflowClient
 
-    config = make_config(tmp_path)
     create = MlflowClient.create_model_version
 
     def create_then_die(self, *args, **kwargs):
@@ -107,6 +107,12 @@ def test_killed_after_create_model_version_is_completed_by_the_retry(tmp_path, c
         registry.register(config, compressed_dir, BLESSED, tiny_dataset, pipeline_run="run-k",
                           aliases=(registry.CHALLENGER,))
     monkeypatch.undo()
+
+
+def test_killed_after_create_model_version_is_completed_by_the_retry(tmp_path, compressed_dir, tiny_dataset,
+                                                                     monkeypatch):
+    config = make_config(tmp_path)
+    _register_killed_after_create_model_version(config, compressed_dir, tiny_dataset, monkeypatch)
     assert registry.list_versions(config)[0]["aliases"] == []  # the half-finished state the kill left
     result = registry.register(config, compressed_dir, BLESSED, tiny_dataset, pipeline_run="run-k",
                                aliases=(registry.CHALLENGER,))
@@ -318,20 +324,9 @@ def server_config(tmp_path, mlflow_server, s3_endpoint):
 def test_server_register_killed_after_create_model_version_then_retried(server_config, compressed_dir,
                                                                         tiny_dataset, s3_service, monkeypatch):
     import pandas as pd
-    from mlflow.tracking import MlflowClient
 
     config = server_config
-    create = MlflowClient.create_model_version
-
-    def create_then_die(self, *args, **kwargs):
-        create(self, *args, **kwargs)
-        raise Killed()
-
-    monkeypatch.setattr(MlflowClient, "create_model_version", create_then_die)
-    with pytest.raises(Killed):
-        registry.register(config, compressed_dir, BLESSED, tiny_dataset, pipeline_run="run-k",
-                          aliases=(registry.CHALLENGER,))
-    monkeypatch.undo()
+    _register_killed_after_create_model_version(config, compressed_dir, tiny_dataset, monkeypatch)
     result = registry.register(config, compressed_dir, BLESSED, tiny_dataset, pipeline_run="run-k",
                                aliases=(registry.CHALLENGER,))
     versions = registry.list_versions(config)
