@@ -38,6 +38,8 @@ import yaml
 from google.protobuf import json_format
 from kfp.pipeline_spec import pipeline_spec_pb2
 
+from rehearsal.services import serve_in_thread, stop_serving
+
 API = "/apis/v2beta1"
 GRPC_CODES = {400: 3, 401: 16, 403: 7, 404: 5, 409: 6, 500: 13}
 FILTER_OPERATIONS = {1: "EQUALS", 2: "NOT_EQUALS", 9: "IS_SUBSTRING"}
@@ -91,18 +93,14 @@ class FakeKFP:
     def start(self) -> "FakeKFP":
         """Start serving in a daemon thread on a free loopback port."""
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        self._server.daemon_threads = True
         self._server.fake = self
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.02,), name="fake-kfp", daemon=True)
-        self._thread.start()
+        self._thread = serve_in_thread(self._server, poll_interval=0.02, name="fake-kfp")
         return self
 
     def stop(self) -> None:
         """Stop serving and free the port."""
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._thread.join(timeout=5)
+            stop_serving(self._server, self._thread)
             self._server = None
 
     def __enter__(self) -> "FakeKFP":
@@ -383,6 +381,13 @@ class _Handler(BaseHTTPRequestHandler):
                 return part.get_filename() or "", part.get_payload(decode=True)
         raise ApiError(400, "Failed to read pipeline from file", upload=True)
 
+    def _upload(self, query, body) -> tuple[str, Any]:
+        """The pipeline name (``name``, else ``display_name``, else the file name without its extension)
+        and the parsed spec of an upload."""
+        filename, content = self._uploaded_file(body)
+        spec = _parse_upload(filename, content)
+        return query.get("name") or query.get("display_name") or filename.rsplit(".", 1)[0], spec
+
     # endpoints: each takes (query, body, *path groups) and returns the JSON answer
 
     def healthz(self, query, body) -> dict:
@@ -406,9 +411,7 @@ class _Handler(BaseHTTPRequestHandler):
         return self.fake.pipelines[pipeline_id]
 
     def upload_pipeline(self, query, body) -> dict:
-        filename, content = self._uploaded_file(body)
-        spec = _parse_upload(filename, content)
-        name = query.get("name") or query.get("display_name") or filename.rsplit(".", 1)[0]
+        name, spec = self._upload(query, body)
         try:
             pipeline = self.fake._new_pipeline(name, query.get("display_name", ""), query.get("description", ""), query.get("namespace", ""))
         except ApiError as error:
@@ -417,12 +420,10 @@ class _Handler(BaseHTTPRequestHandler):
         return pipeline
 
     def upload_version(self, query, body) -> dict:
-        filename, content = self._uploaded_file(body)
-        spec = _parse_upload(filename, content)
+        name, spec = self._upload(query, body)
         pipeline_id = query.get("pipelineid")
         if not pipeline_id:
             raise ApiError(400, "Failed to create a pipeline version", upload=True)
-        name = query.get("name") or query.get("display_name") or filename.rsplit(".", 1)[0]
         return self.fake._new_version(pipeline_id, name, query.get("display_name", ""), query.get("description", ""), spec)
 
     def list_versions(self, query, body, pipeline_id) -> dict:

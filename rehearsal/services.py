@@ -97,6 +97,32 @@ def _stop_process(process: subprocess.Popen | None, timeout: float = 15) -> None
         process.wait(timeout=5)
 
 
+def serve_in_thread(server: ThreadingHTTPServer, *, poll_interval: float, name: str) -> threading.Thread:
+    """Serve ``server`` (each request in a daemon thread) from a started daemon thread."""
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, args=(poll_interval,), name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+def stop_serving(server: ThreadingHTTPServer, thread: threading.Thread) -> None:
+    """Stop a server that :func:`serve_in_thread` started and free its port."""
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+@contextlib.contextmanager
+def _running(service, directory: Path):
+    """Start ``service``; on exit stop it and remove its temporary ``directory``."""
+    try:
+        service.start()
+        yield service
+    finally:
+        service.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 # PostgreSQL ---------------------------------------------------------------------------------------
 
 
@@ -265,12 +291,8 @@ def redis(*, workdir: Path | None = None) -> Iterator[Redis]:
         raise ServiceStartError(problem)
     directory = Path(tempfile.mkdtemp(prefix="redis-", dir=workdir))
     service = Redis(port=free_port(), directory=directory)
-    try:
-        service.start()
+    with _running(service, directory):
         yield service
-    finally:
-        service.stop()
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 # S3 (moto) ----------------------------------------------------------------------------------------
@@ -352,14 +374,10 @@ def s3(buckets: list[str] | tuple[str, ...] = ("tuneloop",), *, workdir: Path | 
         raise ServiceStartError(problem)
     directory = Path(tempfile.mkdtemp(prefix="s3-", dir=workdir))
     service = S3(port=free_port(), directory=directory, buckets=list(buckets))
-    try:
-        service.start()
+    with _running(service, directory):
         for bucket in buckets:
             service.create_bucket(bucket)
         yield service
-    finally:
-        service.stop()
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _http_ok(url: str) -> bool:
@@ -428,12 +446,8 @@ def mlflow_server(backend_url: str, artifacts_destination: str, *, s3_env: dict[
     directory = Path(tempfile.mkdtemp(prefix="mlflow-", dir=workdir))
     service = MlflowServer(port=free_port(), directory=directory, backend_url=backend_url,
                            artifacts_destination=artifacts_destination, env=dict(s3_env or {}))
-    try:
-        service.start()
+    with _running(service, directory):
         yield service
-    finally:
-        service.stop()
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 # webhook receiver ---------------------------------------------------------------------------------
@@ -488,17 +502,12 @@ class WebhookReceiver:
 
         ThreadingHTTPServer.allow_reuse_address = True
         self._server = ThreadingHTTPServer((LOOPBACK, self.port), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True,
-                                        name="webhook-receiver")
-        self._thread.start()
+        self._thread = serve_in_thread(self._server, poll_interval=0.05, name="webhook-receiver")
         return self
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._thread.join(timeout=5)
+            stop_serving(self._server, self._thread)
             self._server = None
 
     def posts(self) -> list[ReceivedPost]:
