@@ -89,7 +89,8 @@ def quantize_int8(fp32_path: str | Path, int8_path: str | Path) -> dict[str, Any
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    try:
+    with _failure_explained(fp32_path, "int8 dynamic quantization",
+                            "leave onnx_int8_dynamic out of compression.variants to skip it"):
         with _quiet_quantizer():
             quantize_dynamic(
                 Path(fp32_path),
@@ -100,14 +101,6 @@ def quantize_int8(fp32_path: str | Path, int8_path: str | Path) -> dict[str, Any
                 weight_type=QuantType.QInt8,
             )
         check_graph(Path(int8_path))
-    except Exception as error:  # the quantizer raises many types
-        raise CompressionError(
-            f"int8 dynamic quantization of {fp32_path} failed: {first_line(error)}; leave onnx_int8_dynamic out of "
-            f"compression.variants to skip it",
-            stage=STAGE,
-            path=str(fp32_path),
-            field="compression.variants",
-        ) from error
     return {"method": "int8_dynamic", "weight_type": "QInt8", "per_channel": PER_CHANNEL,
             "op_types": QUANTIZED_OP_TYPES}
 
@@ -138,7 +131,8 @@ def quantize_int8_static(
         raise CompressionError("static int8 needs calibration texts; the validation split gave none",
                                stage=STAGE, field="compression.calibration_rows")
     reader = _calibration_reader(tokenizer, texts, input_names, max_length)
-    try:
+    with _failure_explained(fp32_path, "int8 static quantization",
+                            "leave onnx_int8_static out of compression.variants to skip it"):
         with _quiet_quantizer():
             quantize_static(
                 Path(fp32_path),
@@ -154,17 +148,24 @@ def quantize_int8_static(
                 extra_options={"MatMulConstBOnly": True, "CalibMaxIntermediateOutputs": CALIBRATION_FLUSH},
             )
         check_graph(Path(int8_path))
-    except Exception as error:  # the quantizer raises many types
+    return {"method": "int8_static", "format": "QDQ", "activation_type": "QUInt8", "weight_type": "QInt8",
+            "per_channel": PER_CHANNEL, "op_types": QUANTIZED_OP_TYPES, "matmul_const_b_only": True,
+            "calibration_method": STATIC_CALIBRATION_METHOD, "calibration_rows": len(texts)}
+
+
+@contextlib.contextmanager
+def _failure_explained(fp32_path: str | Path, recipe: str, remedy: str):
+    """Turn any error of a quantizer (they raise many types) or of the graph check into a
+    CompressionError naming the ``recipe``, the export and the ``remedy``."""
+    try:
+        yield
+    except Exception as error:
         raise CompressionError(
-            f"int8 static quantization of {fp32_path} failed: {first_line(error)}; leave onnx_int8_static out of "
-            f"compression.variants to skip it",
+            f"{recipe} of {fp32_path} failed: {first_line(error)}; {remedy}",
             stage=STAGE,
             path=str(fp32_path),
             field="compression.variants",
         ) from error
-    return {"method": "int8_static", "format": "QDQ", "activation_type": "QUInt8", "weight_type": "QInt8",
-            "per_channel": PER_CHANNEL, "op_types": QUANTIZED_OP_TYPES, "matmul_const_b_only": True,
-            "calibration_method": STATIC_CALIBRATION_METHOD, "calibration_rows": len(texts)}
 
 
 @contextlib.contextmanager
@@ -238,24 +239,20 @@ def quantize_int8_int4_embeddings(fp32_path: str | Path, out_path: str | Path) -
     # it warns that it raises the opset to 21 and the IR version to 10 for int4: expected, checked below
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.ERROR)
     try:
-        with _quiet_quantizer(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            config = DefaultWeightOnlyQuantConfig(
-                block_size=EMBEDDING_BLOCK, is_symmetric=True, quant_format=QuantFormat.QOperator,
-                op_types_to_quantize=("Gather",), quant_axes=(("Gather", 1),), bits=EMBEDDING_BITS)
-            quantizer = MatMulNBitsQuantizer(onnx.load(str(fp32_path)), algo_config=config)
-            quantizer.process()
-            quantizer.model.save_model_to_file(str(embeddings), False)
-            quantize_dynamic(embeddings, out_path, op_types_to_quantize=["MatMul"], per_channel=PER_CHANNEL,
-                             reduce_range=False, weight_type=QuantType.QInt8,
-                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-        check_graph(out_path)
-    except Exception as error:  # the quantizers raise many types
-        raise CompressionError(
-            f"int8 with 4-bit embeddings of {fp32_path} failed: {first_line(error)}; leave the *_int8_emb4 variants "
-            f"out of compression.variants to skip them",
-            stage=STAGE, path=str(fp32_path), field="compression.variants",
-        ) from error
+        with _failure_explained(fp32_path, "int8 with 4-bit embeddings",
+                                "leave the *_int8_emb4 variants out of compression.variants to skip them"):
+            with _quiet_quantizer(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                config = DefaultWeightOnlyQuantConfig(
+                    block_size=EMBEDDING_BLOCK, is_symmetric=True, quant_format=QuantFormat.QOperator,
+                    op_types_to_quantize=("Gather",), quant_axes=(("Gather", 1),), bits=EMBEDDING_BITS)
+                quantizer = MatMulNBitsQuantizer(onnx.load(str(fp32_path)), algo_config=config)
+                quantizer.process()
+                quantizer.model.save_model_to_file(str(embeddings), False)
+                quantize_dynamic(embeddings, out_path, op_types_to_quantize=["MatMul"], per_channel=PER_CHANNEL,
+                                 reduce_range=False, weight_type=QuantType.QInt8,
+                                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+            check_graph(out_path)
     finally:
         embeddings.unlink(missing_ok=True)
     return {"method": "int8_dynamic_int4_embeddings", "weight_type": "QInt8", "per_channel": PER_CHANNEL,
