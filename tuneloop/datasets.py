@@ -66,11 +66,7 @@ def _read_remote_table(uri: str, what: str) -> pd.DataFrame:
     except FileNotFoundError as error:
         raise DataError(f"{what} not found: {uri}", path=uri) from error
     except Exception as error:
-        if is_connection_error(error):
-            raise ServiceUnavailableError(
-                f"object store unreachable while reading {what} {uri}: {type(error).__name__}",
-                service="object store", uri=uri, path=uri,
-            ) from error
+        raise_if_unreachable(error, f"reading {what} {uri}", uri, path=uri)
         raise DataError(f"{what} {uri} cannot be read: {error}", path=uri) from error
 
 
@@ -86,6 +82,16 @@ def is_connection_error(error: BaseException) -> bool:
             return True
         current = current.__cause__ or current.__context__
     return False
+
+
+def raise_if_unreachable(error: BaseException, doing: str, uri: str, **fields) -> None:
+    """Raise ServiceUnavailableError (from ``error``) when ``error`` means the object store at ``uri``
+    could not be reached while ``doing``; ``fields`` go on the error as well."""
+    if is_connection_error(error):
+        raise ServiceUnavailableError(
+            f"object store unreachable while {doing}: {type(error).__name__}",
+            service="object store", uri=uri, **fields,
+        ) from error
 
 
 _CONNECTION_MARKERS = ("NETWORK_CONNECTION", "Could not connect to the endpoint", "Connection refused")

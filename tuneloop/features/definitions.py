@@ -22,8 +22,8 @@ from urllib.parse import urlsplit
 import pandas as pd
 
 from tuneloop.config import TuneloopConfig, is_uri
-from tuneloop.datasets import fingerprint_frame, is_connection_error, read_table, require_columns
-from tuneloop.errors import DataError, ServiceUnavailableError
+from tuneloop.datasets import fingerprint_frame, raise_if_unreachable, read_table, require_columns
+from tuneloop.errors import DataError
 from tuneloop.features.statistics import STATISTIC_COLUMNS, is_missing
 
 STAGE = "features"
@@ -89,11 +89,7 @@ def _parquet_schema(location: str):
         with filesystem.open(path, "rb") as handle:
             return pq.read_schema(handle)
     except Exception as error:
-        if is_connection_error(error):
-            raise ServiceUnavailableError(
-                f"object store unreachable while reading {location}: {type(error).__name__}",
-                service="object store", uri=location, stage=STAGE,
-            ) from error
+        raise_if_unreachable(error, f"reading {location}", location, stage=STAGE)
         return None  # missing or unreadable: read_table reports it when it matters
 
 
@@ -221,11 +217,7 @@ def _write_prepared(frame: pd.DataFrame, location: str, fingerprint: str) -> Non
         with filesystem.open(path, "wb") as handle:
             pq.write_table(table, handle)
     except Exception as error:
-        if is_connection_error(error):
-            raise ServiceUnavailableError(
-                f"object store unreachable while writing {location}: {type(error).__name__}",
-                service="object store", uri=location, stage=STAGE,
-            ) from error
+        raise_if_unreachable(error, f"writing {location}", location, stage=STAGE)
         raise DataError(f"cannot write the texts source {location}: {error}", stage=STAGE, path=location) from error
 
 
