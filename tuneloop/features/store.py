@@ -151,10 +151,7 @@ def check_registry_database(url: str) -> None:
             pass
     except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError) as error:
         reason = str(getattr(error, "orig", error)).strip().splitlines()[0]
-        raise ServiceUnavailableError(
-            f"postgres (Feast registry) unreachable at {redact(url)}: {reason}",
-            service="postgres", uri=redact(url), stage=STAGE,
-        ) from error
+        raise _unreachable("postgres", "Feast registry", url, reason) from error
     finally:
         engine.dispose()
 
@@ -176,12 +173,16 @@ def check_redis(connection: str) -> None:
     try:
         client.ping()
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
-        raise ServiceUnavailableError(
-            f"redis (Feast online store) unreachable at {redact(connection)}: {error}",
-            service="redis", uri=redact(connection), stage=STAGE,
-        ) from error
+        raise _unreachable("redis", "Feast online store", connection, error) from error
     finally:
         client.close()
+
+
+def _unreachable(service: str, role: str, location: str, reason: object) -> ServiceUnavailableError:
+    """``<service> (<role>) unreachable at <location>: <reason>``, the location without its credentials."""
+    uri = redact(location)
+    return ServiceUnavailableError(f"{service} ({role}) unreachable at {uri}: {reason}", service=service, uri=uri,
+                                   stage=STAGE)
 
 
 @contextmanager
