@@ -460,28 +460,40 @@ def history_config(request, tmp_path, monkeypatch):
     return make_config(tmp_path, registry={"model_name": name}, state={"database_url_env": "TUNELOOP_TEST_STATE_DB"})
 
 
-def test_concurrent_history_writers_lose_no_entry(history_config, monkeypatch):
+def _all_at_once(action, arguments) -> list[Exception]:
+    """Call ``action(argument)`` for every argument, each in its own thread and all released together
+    by a barrier; return what they raised (for the test to surface)."""
     import threading
 
-    config = history_config
-    monkeypatch.setattr(champions, "_mirror_tag", lambda cfg, history: None)  # no registered model here
-    writers, each = 4, 5
-    barrier = threading.Barrier(writers)
+    arguments = list(arguments)
+    barrier = threading.Barrier(len(arguments))
     failures = []
 
-    def write(n: int) -> None:
+    def run(argument) -> None:
         barrier.wait()
         try:
-            for k in range(each):
-                champions.update_history(config, lambda history, entry=f"{n}.{k}": history + [entry])
-        except Exception as error:  # surfaced below
+            action(argument)
+        except Exception as error:  # surfaced by the caller
             failures.append(error)
 
-    threads = [threading.Thread(target=write, args=(n,)) for n in range(writers)]
+    threads = [threading.Thread(target=run, args=(argument,)) for argument in arguments]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    return failures
+
+
+def test_concurrent_history_writers_lose_no_entry(history_config, monkeypatch):
+    config = history_config
+    monkeypatch.setattr(champions, "_mirror_tag", lambda cfg, history: None)  # no registered model here
+    writers, each = 4, 5
+
+    def write(n: int) -> None:
+        for k in range(each):
+            champions.update_history(config, lambda history, entry=f"{n}.{k}": history + [entry])
+
+    failures = _all_at_once(write, range(writers))
     assert failures == []
     history = champions.history(config)
     assert sorted(history) == sorted(f"{n}.{k}" for n in range(writers) for k in range(each))
@@ -587,27 +599,11 @@ def test_local_promote_and_rollback_move_aliases(tmp_path, fake_artifact, tiny_d
 
 
 def test_concurrent_promotions_lose_no_entry_and_the_champion_is_the_newest(tmp_path, fake_artifact, tiny_dataset):
-    import threading
-
     config = make_config(tmp_path)
     for _ in range(4):
         registry.register(config, fake_artifact, BLESSED, tiny_dataset, aliases=(registry.CHALLENGER,))
     deployment.promote(config, "1")
-    barrier = threading.Barrier(3)
-    failures = []
-
-    def promote(version: str) -> None:
-        barrier.wait()
-        try:
-            deployment.promote(config, version)
-        except Exception as error:  # surfaced below
-            failures.append(error)
-
-    threads = [threading.Thread(target=promote, args=(v,)) for v in ("2", "3", "4")]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    failures = _all_at_once(lambda version: deployment.promote(config, version), ("2", "3", "4"))
     assert failures == []
     history = champions.history(config)
     assert history[0] == "1" and sorted(history[1:]) == ["2", "3", "4"], history
