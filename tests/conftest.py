@@ -120,6 +120,19 @@ def export_compressed_fp32(model_dir: Path, target: Path, max_length: int = 32) 
     return target
 
 
+def export_tiny_model(checkpoint: Path, root: Path) -> Path:
+    """``root/compressed``, the fp32 ONNX export of ``root/model``: a Model directory made of
+    ``checkpoint`` (the tiny checkpoint) and a tuneloop.json."""
+    import shutil
+
+    from tuneloop.artifacts import write_metadata
+
+    model_dir = root / "model"
+    shutil.copytree(checkpoint, model_dir)
+    write_metadata(model_dir, {"kind": "model", "labels": ["ham", "spam"], "max_length": 32})
+    return export_compressed_fp32(model_dir, root / "compressed")
+
+
 # Real services on loopback (rehearsal.services), shared by the whole session. Each skips with the
 # reason when its binary or package is missing here; a service that is installed but fails to start
 # is an error, not a skip.

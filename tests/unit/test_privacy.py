@@ -211,16 +211,9 @@ SECRETS = ["7911 123456", "7911123456", "555-2671", "5552671", "Jane.Roe", "jane
 
 @pytest.fixture(scope="module")
 def compressed_dir(tiny_checkpoint, tmp_path_factory):
-    import shutil
+    from tests.conftest import export_tiny_model
 
-    from tests.conftest import export_compressed_fp32
-    from tuneloop.artifacts import write_metadata
-
-    root = tmp_path_factory.mktemp("privacy-model")
-    model_dir = root / "model"
-    shutil.copytree(tiny_checkpoint, model_dir)
-    write_metadata(model_dir, {"kind": "model", "labels": ["ham", "spam"], "max_length": 32})
-    return export_compressed_fp32(model_dir, root / "compressed")
+    return export_tiny_model(tiny_checkpoint, tmp_path_factory.mktemp("privacy-model"))
 
 
 def _serve_and_flush(config, compressed_dir, texts):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import export_compressed_fp32, make_config
+from tests.conftest import export_tiny_model, make_config
 from tuneloop import prediction_log, serving
 from tuneloop.artifacts import write_metadata
 from tuneloop.errors import ModelError, RegistryError, ServiceUnavailableError
@@ -29,11 +29,7 @@ TEXTS = ["WINNER!! Claim your free prize now, call 09061701461", "see you at the
 @pytest.fixture(scope="module")
 def compressed_dir(tiny_checkpoint, tmp_path_factory):
     """A Compressed Model directory: an ONNX export of the tiny model, its tokenizer, tuneloop.json."""
-    root = tmp_path_factory.mktemp("serving-model")
-    model_dir = root / "model"
-    shutil.copytree(tiny_checkpoint, model_dir)
-    write_metadata(model_dir, {"kind": "model", "labels": ["ham", "spam"], "max_length": 32})
-    return export_compressed_fp32(model_dir, root / "compressed")
+    return export_tiny_model(tiny_checkpoint, tmp_path_factory.mktemp("serving-model"))
 
 
 @pytest.fixture(scope="module")
