@@ -1,5 +1,6 @@
 """Bad input through the real CLI: one clear message, a non-zero exit, the registry untouched."""
 
+import re
 import subprocess
 import sys
 
@@ -73,7 +74,7 @@ def test_labels_file_without_label_column(project):
 
 def test_unknown_config_key_and_wrong_type(project):
     config = project / "tuneloop.yaml"
-    config.write_text(config.read_text().replace("  epochs: 2", "  epochz: 2"))
+    config.write_text(re.sub(r"^  epochs: \d+", "  epochz: 2", config.read_text(), count=1, flags=re.MULTILINE))
     result = run_local(project)
     assert result.returncode == 2 and "training.epochz: unknown key" in result.stderr
     config.write_text(config.read_text().replace("  epochz: 2", "  epochs: two"))

@@ -101,7 +101,7 @@ def test_apply_once_then_every_pod_reads_the_same_frame_as_the_local_world(clust
     assert "feature view sms_spam_texts: create" in output and "feature service sms_spam: create" in output
     prepared = [key for key in s3_service.keys("tuneloop") if key.endswith("feature_data/sms_spam_texts.parquet")]
     assert len(prepared) == 1
-    assert "registry postgresql+psycopg2://127.0.0.1:" in output and ":" + "//tuneloop:" not in output
+    assert "registry postgresql+psycopg2://***@127.0.0.1:" in output and ":" + "//tuneloop:" not in output
 
     assert "unchanged" in _apply(cluster("setup-again"))  # idempotent: the second run changes nothing
 
